@@ -1,0 +1,1 @@
+"""EVA-02 vision transformers in PyTorch."""

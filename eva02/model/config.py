@@ -1,0 +1,91 @@
+"""Model configuration: the `Eva02Config` dataclass and the size variants of the EVA-02 family.
+
+Sizes follow the official `modeling_finetune.py` / `modeling_pretrain.py` model functions
+(EVA-02 paper, arXiv 2303.11331, table 1): head width 64, SwiGLU hidden int(D * 8/3), sub-LN in the
+MLP of the base and large models only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Eva02Config:
+    """Everything needed to build an `Eva02` module; no weights, no I/O."""
+
+    dim: int = 192
+    depth: int = 12
+    heads: int = 3
+    mlp_hidden: int = 512
+    sub_ln: bool = False  # LayerNorm inside the SwiGLU, between the gated product and w3 (B/L)
+    img_size: int = 224
+    patch_size: int = 14
+    in_chans: int = 3
+    num_classes: int = 0  # 0: headless (final per-token norm, no head)
+    ref_grid: int = 16  # RoPE reference grid (the 224/14 pre-training grid); positions are rescaled to it
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    drop_path: float = 0.0
+    head_init_scale: float = 0.001
+    # Gradient through the patch embedding is scaled by this factor (1: normal, 0: detached as in the
+    # official fine-tuning, 0.1 in the official pre-training).
+    patch_grad_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.dim % self.heads:
+            problems.append(f"dim={self.dim} is not divisible by heads={self.heads}")
+        elif (self.dim // self.heads) % 4:
+            problems.append(f"head width {self.dim // self.heads} must be divisible by 4 for 2-D RoPE")
+        if self.img_size % self.patch_size:
+            problems.append(f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}")
+        for name in ("dim", "depth", "heads", "mlp_hidden", "patch_size", "in_chans", "ref_grid"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            problems.append(f"num_classes must be >= 0, got {self.num_classes}")
+        if not 0.0 <= self.drop_path < 1.0:
+            problems.append(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if not 0.0 <= self.patch_grad_scale <= 1.0:
+            problems.append(f"patch_grad_scale must be in [0, 1], got {self.patch_grad_scale}")
+        if problems:
+            raise ValueError("invalid Eva02Config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Eva02Config:
+        """Build from a dict, refusing unknown keys so a typo never passes silently."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown Eva02Config keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> Eva02Config:
+        return replace(self, **changes)
+
+
+def _size(dim: int, depth: int, heads: int, sub_ln: bool) -> Eva02Config:
+    return Eva02Config(dim=dim, depth=depth, heads=heads, mlp_hidden=int(dim * 4 * 2 / 3), sub_ln=sub_ln)
+
+
+# The four released sizes, plus a 2-block model for fast tests. Large's hidden is int(1024*8/3) = 2730.
+VARIANTS: dict[str, Eva02Config] = {
+    "test": Eva02Config(dim=128, depth=2, heads=2, mlp_hidden=341, sub_ln=True, img_size=56),
+    "tiny": _size(192, 12, 3, sub_ln=False),
+    "small": _size(384, 12, 6, sub_ln=False),
+    "base": _size(768, 12, 12, sub_ln=True),
+    "large": _size(1024, 24, 16, sub_ln=True),
+}

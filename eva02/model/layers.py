@@ -1,0 +1,93 @@
+"""Building blocks of EVA-02: patch embedding, RoPE attention, SwiGLU MLP, pre-LN block.
+
+Mirrors the official `EVA-02/asuka/modeling_finetune.py` (Attention, SwiGLU, Block) in one parameter
+layout for every size: a fused `qkv` weight with separate q and v biases (k has no bias), and a packed
+`w12` = [gate; value] SwiGLU input projection. The sub-LN of base/large sits between the gated product
+and `w3`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eva02.model.rope import apply_rope
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> D-dim tokens, row-major."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, C, H, W) -> (B, N, D)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with q/v bias, no k bias, and RoPE on q and k."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        # Zero k bias as a buffer so the fused bias is one cat of existing tensors, not a new allocation
+        # of zeros per call; non-persistent, so it is neither a parameter nor a checkpoint key.
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, D = x.shape
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)  # (B, T, 3D)
+        qkv = qkv.view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, T, hd)
+        qk, v = qkv[:2], qkv[2]
+        if rope is not None:
+            qk = apply_rope(qk, *rope)  # q and k rotated together
+        x = F.scaled_dot_product_attention(qk[0], qk[1], v)  # (B, h, T, hd)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class SwiGLU(nn.Module):
+    """h = silu(x W1) * (x W2), with W1 and W2 packed in `w12`; optional sub-LN on h; out = h W3."""
+
+    def __init__(self, dim: int, hidden: int, sub_ln: bool, eps: float) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.norm = nn.LayerNorm(hidden, eps=eps) if sub_ln else nn.Identity()
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(self.norm(F.silu(gate) * value))
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples of a residual branch with probability p, rescale the rest."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, sub_ln: bool, eps: float, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = SwiGLU(dim, hidden, sub_ln, eps)
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x), rope), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)

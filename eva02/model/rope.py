@@ -1,0 +1,73 @@
+"""2-D rotary position embedding of EVA-02 (official `EVA-02/asuka/rope.py`, VisionRotaryEmbeddingFast).
+
+Each head of width W is split in two halves: the first rotates with the token's row, the second with
+its column. Per axis there are W/4 frequencies f_i = theta^(-i / (W/4)), each used for one interleaved
+pair of channels. Positions of a grid of S rows are t = arange(S) / S * ref_grid, so a fine-tuning grid
+(24 or 32) spans the same range as the 16x16 pre-training grid ("interpolated" RoPE).
+
+The tables cover the class token too, with an identity rotation (cos 1, sin 0), so q and k of every
+token are rotated in one step without slicing or concatenation; x * 1 + y * 0 == x exactly, so the
+class token is untouched bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def axis_angles(size: int, quarter: int, ref_grid: int, theta: float) -> torch.Tensor:
+    """Angles (size, 2*quarter) of one axis: position x frequency, each frequency repeated for its pair."""
+    freqs = theta ** -(torch.arange(0, quarter, dtype=torch.float64) / quarter)  # (quarter,)
+    t = torch.arange(size, dtype=torch.float64) / size * ref_grid  # (size,)
+    return torch.outer(t, freqs).repeat_interleave(2, dim=-1)  # (size, 2*quarter)
+
+
+def rope_angles(grid: tuple[int, int], head_dim: int, ref_grid: int, theta: float) -> torch.Tensor:
+    """Angles (H*W, head_dim) for a row-major patch grid: rows in the first half, columns in the second."""
+    gh, gw = grid
+    quarter = head_dim // 4
+    rows = axis_angles(gh, quarter, ref_grid, theta)  # (gh, head_dim/2)
+    cols = axis_angles(gw, quarter, ref_grid, theta)  # (gw, head_dim/2)
+    ang = torch.cat(
+        [rows[:, None, :].expand(gh, gw, -1), cols[None, :, :].expand(gh, gw, -1)], dim=-1
+    )  # (gh, gw, head_dim)
+    return ang.reshape(gh * gw, head_dim)
+
+
+def rope_tables(
+    grid: tuple[int, int],
+    head_dim: int,
+    ref_grid: int = 16,
+    theta: float = 10000.0,
+    num_prefix: int = 1,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin tables (num_prefix + H*W, head_dim) for `apply_rope`.
+
+    The sin table carries the sign of the pair rotation: rotating the pair (a, b) by angle t gives
+    (a cos t - b sin t, b cos t + a sin t) = x * cos + swap(x) * (-sin, +sin).
+    """
+    ang = rope_angles(grid, head_dim, ref_grid, theta)  # (N, hd) float64
+    cos, sin = ang.cos(), ang.sin()
+    sin[:, 0::2] = -sin[:, 0::2]
+    if num_prefix:
+        cos = torch.cat([torch.ones(num_prefix, head_dim, dtype=cos.dtype), cos])
+        sin = torch.cat([torch.zeros(num_prefix, head_dim, dtype=sin.dtype), sin])
+    return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
+
+
+def swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(a0, b0, a1, b1, ...) -> (b0, a0, b1, a1, ...) along the last dim."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., T, hd) with tables (T, hd) from `rope_tables`; result in x's dtype."""
+    return (x * cos + swap_pairs(x) * sin).to(x.dtype)
+
+
+def rotate_half_reference(x: torch.Tensor) -> torch.Tensor:
+    """The official pairwise rotate_half, kept for tests: (a, b) -> (-b, a) per interleaved pair."""
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((-b, a), dim=-1).flatten(-2)

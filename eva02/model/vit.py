@@ -1,0 +1,275 @@
+"""The EVA-02 vision transformer (official `EVA-02/asuka/modeling_finetune.py` VisionTransformer).
+
+One module for every size and both forms:
+- classifier (num_classes > 0): blocks -> mean of patch tokens (cls excluded) -> fc_norm -> head;
+- headless (num_classes == 0): blocks -> per-token final `norm`; pooled output is the mean of the
+  normalised patch tokens (the MIM pre-training checkpoints' `norm`).
+Any input size divisible by the patch size works: the absolute position embedding is resampled
+(bicubic, as the official fine-tuning loader) and the RoPE tables are recomputed for the grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from eva02.model.config import Eva02Config
+from eva02.model.layers import Block, PatchEmbed
+from eva02.model.rope import rope_tables
+
+OUT_TYPES = ("raw", "cls_token", "featmap", "avg_featmap")
+
+
+def resample_pos_embed(pos: torch.Tensor, old: tuple[int, int], new: tuple[int, int], prefix: int = 1) -> torch.Tensor:
+    """Bicubic resize of the patch part of a (1, prefix + H*W, D) position embedding to another grid."""
+    if old == new:
+        return pos
+    D = pos.shape[-1]
+    cls, grid = pos[:, :prefix], pos[:, prefix:]
+    grid = grid.reshape(1, old[0], old[1], D).permute(0, 3, 1, 2).float()  # (1, D, H, W)
+    grid = F.interpolate(grid, size=new, mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], D).to(pos.dtype)
+    return torch.cat([cls, grid], dim=1)
+
+
+class Eva02(nn.Module):
+    """EVA-02 ViT: `model(x)` gives logits (classifier) or pooled features (headless)."""
+
+    def __init__(self, cfg: Eva02Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.dim
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid**2, D))
+        dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(D, cfg.heads, cfg.mlp_hidden, cfg.sub_ln, cfg.norm_eps, dpr[i]) for i in range(cfg.depth)
+        )
+        headless = cfg.num_classes == 0
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if headless else nn.Identity()
+        self.fc_norm = nn.Identity() if headless else nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.grad_checkpointing = False
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ----------------------------------------------------------------------------------- set-up
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Official fine-tuning init: trunc-normal(.02) linears, scaled head, depth-scaled output projections."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for i, blk in enumerate(self.blocks, start=1):
+            blk.attn.q_bias.zero_()
+            blk.attn.v_bias.zero_()
+            blk.attn.proj.weight.div_(math.sqrt(2.0 * i))
+            blk.mlp.w3.weight.div_(math.sqrt(2.0 * i))
+        if isinstance(self.head, nn.Linear):
+            self.head.weight.mul_(self.cfg.head_init_scale)
+            self.head.bias.mul_(self.cfg.head_init_scale)
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.cfg.num_classes > 0
+
+    @property
+    def num_features(self) -> int:
+        return self.cfg.dim
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass to save memory."""
+        self.grad_checkpointing = enable
+
+    @torch.no_grad()
+    def set_img_size(self, img_size: int) -> None:
+        """Make `img_size` the native size: resample the position embedding parameter to its grid."""
+        new = self.cfg.replace(img_size=img_size)  # validates divisibility
+        pos = resample_pos_embed(self.pos_embed.data, (self.cfg.grid,) * 2, (new.grid,) * 2)
+        self.pos_embed = nn.Parameter(pos, requires_grad=self.pos_embed.requires_grad)
+        self.cfg = new
+        self._pos_cache.clear()
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head (num_classes > 0) keeping the backbone; fc_norm is created if missing."""
+        if num_classes <= 0:
+            raise ValueError("reset_classifier needs num_classes > 0; build a headless model with num_classes=0")
+        dev = self.pos_embed.device
+        if not self.is_classifier:
+            self.fc_norm = nn.LayerNorm(self.cfg.dim, eps=self.cfg.norm_eps, device=dev)
+            self.norm = nn.Identity()
+        self.head = nn.Linear(self.cfg.dim, num_classes, device=dev)
+        nn.init.trunc_normal_(self.head.weight, std=0.02 * self.cfg.head_init_scale)
+        nn.init.zeros_(self.head.bias)
+        self.cfg = self.cfg.replace(num_classes=num_classes)
+
+    # ----------------------------------------------------------------------------- per-grid state
+    def grid_of(self, x: torch.Tensor) -> tuple[int, int]:
+        H, W = x.shape[-2:]
+        p = self.cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(f"input size {H}x{W} is not divisible by the patch size {p}; resize or pad it")
+        return H // p, W // p
+
+    def rope_for(self, grid: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables for a grid, computed once per (grid, device) and reused by every block."""
+        key = (grid, device)
+        tables = self._rope_cache.get(key)
+        if tables is None:
+            c = self.cfg
+            tables = rope_tables(grid, c.head_dim, c.ref_grid, c.rope_theta, num_prefix=1, device=device)
+            self._rope_cache[key] = tables
+        return tables
+
+    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position embedding (1, 1+H*W, D) for a grid; resampled copies are cached outside training."""
+        native = (self.cfg.grid, self.cfg.grid)
+        if grid == native:
+            return self.pos_embed
+        if torch.is_grad_enabled() and self.pos_embed.requires_grad:
+            return resample_pos_embed(self.pos_embed, native, grid)
+        key = (grid, self.pos_embed.device, self.pos_embed.dtype, self.pos_embed._version)
+        pos = self._pos_cache.get(key)
+        if pos is None:
+            self._pos_cache.clear()  # one stale grid at a time is enough
+            pos = resample_pos_embed(self.pos_embed.detach(), native, grid)
+            self._pos_cache[key] = pos
+        return pos
+
+    # ----------------------------------------------------------------------------------- forward
+    def prepare_tokens(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens (B, 1+N, D) with cls and position embedding.
+
+        `mask` (B, N) bool replaces the masked patch embeddings by `mask_token` (1, 1, D), as in MIM.
+        """
+        grid = self.grid_of(x)
+        x = self.patch_embed(x)  # (B, N, D)
+        s = self.cfg.patch_grad_scale
+        if s < 1.0 and self.training:
+            x = x.detach() if s == 0.0 else x.detach() * (1.0 - s) + x * s
+        if mask is not None:
+            w = mask.unsqueeze(-1).type_as(x)
+            x = x * (1.0 - w) + mask_token.to(x.dtype) * w
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+N, D)
+        return x + self.pos_embed_for(grid).to(x.dtype)
+
+    def _run_block(self, blk: Block, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, rope, use_reentrant=False)
+        return blk(x, rope)
+
+    def forward_tokens(self, x: torch.Tensor, grid: tuple[int, int], indices: Sequence[int] = ()):
+        """Run all blocks on tokens; return final raw tokens and the raw outputs of blocks in `indices`."""
+        rope = self.rope_for(grid, x.device)
+        keep = {}
+        for i, blk in enumerate(self.blocks):
+            x = self._run_block(blk, x, rope)
+            if i in indices:
+                keep[i] = x
+        return x, [keep[i] for i in indices]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> final tokens (B, 1+N, D); normalised per token in headless models."""
+        grid = self.grid_of(x)
+        x, _ = self.forward_tokens(self.prepare_tokens(x), grid)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (B, 1+N, D) -> logits (B, C), or the pooled, normalised features (B, D) if pre_logits."""
+        x = self.fc_norm(x[:, 1:].mean(dim=1))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # ------------------------------------------------------------------------- feature extraction
+    def _resolve(self, indices: Sequence[int] | int | None) -> list[int]:
+        n = len(self.blocks)
+        if indices is None:
+            indices = range(n)
+        elif isinstance(indices, int):
+            indices = range(n - indices, n)  # the last `indices` blocks, as timm
+        out = []
+        for i in indices:
+            j = i + n if i < 0 else i
+            if not 0 <= j < n:
+                raise IndexError(f"block index {i} is out of range for a {n}-block model")
+            out.append(j)
+        return out
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Sequence[int] | int | None = None,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_prefix_tokens: bool = False,
+    ):
+        """Outputs of selected blocks, as feature maps (NCHW) or token sequences (NLC) without cls.
+
+        Returns (final tokens, [intermediates]) or only the list if `intermediates_only`; with
+        `return_prefix_tokens`, each intermediate is a (features, cls (B, 1, D)) pair.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        grid = self.grid_of(x)
+        idx = self._resolve(indices)
+        final, outs = self.forward_tokens(self.prepare_tokens(x), grid, idx)
+        feats = []
+        for t in outs:
+            t = self.norm(t) if norm else t
+            prefix, patches = t[:, :1], t[:, 1:]  # (B, 1, D), (B, N, D)
+            if output_fmt == "NCHW":
+                patches = patches.transpose(1, 2).reshape(t.shape[0], -1, *grid)  # (B, D, H, W)
+            feats.append((patches, prefix) if return_prefix_tokens else patches)
+        return feats if intermediates_only else (self.norm(final), feats)
+
+    def extract_feat(
+        self, x: torch.Tensor, out_type: str = "avg_featmap", out_indices: Sequence[int] | int = (-1,)
+    ) -> tuple[torch.Tensor, ...]:
+        """Backbone features per selected block, one tensor each (mmpretrain's backbone `out_type`).
+
+        'raw': block output tokens (B, 1+N, D) before any final norm; 'cls_token': (B, D);
+        'featmap': patch tokens as (B, D, H/p, W/p); 'avg_featmap': pooled features (B, D), which for
+        the last block of a classifier are exactly `forward_head(..., pre_logits=True)`.
+        Final norms are those of the model: per-token `norm` (headless), `fc_norm` after pooling
+        (classifier); they are applied to every selected block's output except for 'raw'.
+        """
+        if out_type not in OUT_TYPES:
+            raise ValueError(f"out_type must be one of {OUT_TYPES}, got {out_type!r}")
+        if isinstance(out_indices, int):
+            out_indices = (out_indices,)
+        grid = self.grid_of(x)
+        idx = self._resolve(out_indices)
+        _, outs = self.forward_tokens(self.prepare_tokens(x), grid, idx)
+        res = []
+        for t in outs:
+            if out_type == "raw":
+                res.append(t)
+                continue
+            t = self.norm(t)
+            if out_type == "cls_token":
+                res.append(t[:, 0])
+            elif out_type == "featmap":
+                res.append(t[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, *grid))
+            else:
+                res.append(self.forward_head(t, pre_logits=True))
+        return tuple(res)
