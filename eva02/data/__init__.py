@@ -1,0 +1,1 @@
+"""Images, transforms, datasets and masking."""

@@ -1,0 +1,1 @@
+"""Training engine: distributed set-up, optimiser, schedule, checkpoints, train and evaluate loops."""

@@ -1,0 +1,1 @@
+"""Checkpoint formats, model zoo, downloads and loading."""
