@@ -33,7 +33,8 @@ class WeightSource:
     kind: str  # 'official' | 'timm' | 'mmpretrain'
     url: str  # full https URL of the file
     filename: str  # file name in the cache
-    sha256: str | None = None  # hex digest where known; checked after download
+    sha256: str | None = None  # full hex digest where known; checked after download
+    sha256_prefix: str | None = None  # leading hex digits where only those are published (mmpretrain file names)
     fmt: str = "auto"  # 'official' | 'timm' | 'mmpretrain' | 'eva02' | 'auto'
 
 
