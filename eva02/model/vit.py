@@ -47,7 +47,7 @@ class Eva02(nn.Module):
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid**2, D))
-        dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear in depth
         self.blocks = nn.ModuleList(
             Block(D, cfg.heads, cfg.mlp_hidden, cfg.sub_ln, cfg.norm_eps, dpr[i]) for i in range(cfg.depth)
         )

@@ -1,0 +1,149 @@
+"""The Eva02 module: shapes, feature extraction, resolution changes, training switches, errors."""
+
+import pytest
+import torch
+
+from eva02.model import VARIANTS, Eva02, Eva02Config
+
+
+def make(num_classes=10, **kw):
+    torch.manual_seed(0)
+    return Eva02(VARIANTS["test"].replace(num_classes=num_classes, **kw)).eval()
+
+
+def test_classifier_and_headless_outputs():
+    x = torch.randn(2, 3, 56, 56)
+    clf, headless = make(10), make(0)
+    assert clf(x).shape == (2, 10)
+    assert headless(x).shape == (2, 128)
+    assert isinstance(headless.norm, torch.nn.LayerNorm) and isinstance(headless.fc_norm, torch.nn.Identity)
+    assert isinstance(clf.norm, torch.nn.Identity) and isinstance(clf.fc_norm, torch.nn.LayerNorm)
+    # headless pooled output = mean of the per-token normalised patch tokens
+    tokens = headless.forward_features(x)
+    torch.testing.assert_close(headless(x), tokens[:, 1:].mean(1))
+
+
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_extract_feat_out_types(num_classes):
+    m = make(num_classes)
+    x = torch.randn(2, 3, 56, 70)  # non-square: grid 4 x 5
+    raw = m.extract_feat(x, out_type="raw", out_indices=(0, -1))
+    assert isinstance(raw, tuple) and len(raw) == 2 and raw[0].shape == (2, 1 + 20, 128)
+    assert not torch.allclose(raw[0], raw[1])
+    (fm,) = m.extract_feat(x, out_type="featmap")
+    assert fm.shape == (2, 128, 4, 5)
+    (cls,) = m.extract_feat(x, out_type="cls_token")
+    assert cls.shape == (2, 128)
+    (avg,) = m.extract_feat(x)
+    torch.testing.assert_close(avg, m.forward_head(m.forward_features(x), pre_logits=True))
+    # featmap is the normalised last-block tokens laid out row-major
+    normed = m.norm(raw[1])
+    torch.testing.assert_close(fm[:, :, 1, 2], normed[:, 1 + 1 * 5 + 2])
+    with pytest.raises(ValueError, match="out_type"):
+        m.extract_feat(x, out_type="bogus")
+    with pytest.raises(IndexError):
+        m.extract_feat(x, out_indices=(5,))
+
+
+def test_forward_intermediates():
+    m = make(10)
+    x = torch.randn(1, 3, 56, 56)
+    final, feats = m.forward_intermediates(x, indices=[0, 1])
+    assert final.shape == (1, 17, 128) and [f.shape for f in feats] == [(1, 128, 4, 4)] * 2
+    torch.testing.assert_close(final, m.forward_features(x))
+    only = m.forward_intermediates(x, indices=1, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True)
+    patches, prefix = only[0]
+    assert patches.shape == (1, 16, 128) and prefix.shape == (1, 1, 128)
+    torch.testing.assert_close(patches, feats[1].flatten(2).transpose(1, 2))
+
+
+def test_any_resolution_and_set_img_size():
+    m = make(10)
+    x = torch.randn(1, 3, 84, 84)
+    with torch.no_grad():
+        dyn = m(x)
+        again = m(x)  # cached position embedding for the 6x6 grid
+    torch.testing.assert_close(dyn, again)
+    m.set_img_size(84)
+    assert m.pos_embed.shape == (1, 37, 128) and m.cfg.img_size == 84
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), dyn)
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        m(torch.randn(1, 3, 50, 56))
+
+
+def test_position_cache_follows_weight_updates():
+    m = make(10)
+    x = torch.randn(1, 3, 84, 84)
+    with torch.no_grad():
+        before = m(x)
+        m.pos_embed.add_(torch.randn_like(m.pos_embed))
+        after = m(x)
+    assert not torch.allclose(before, after)
+
+
+def test_grad_checkpointing_same_gradients():
+    m = make(10).train()
+    x = torch.randn(2, 3, 56, 56)
+    m(x).sum().backward()
+    ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m.set_grad_checkpointing(True)
+    m(x).sum().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], msg=n)
+
+
+def test_patch_grad_scale_zero_detaches_patch_embedding():
+    m = make(10, patch_grad_scale=0.0).train()
+    m(torch.randn(2, 3, 56, 56)).sum().backward()
+    assert m.patch_embed.proj.weight.grad is None
+    assert m.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_drop_path_only_in_training():
+    m = make(10, drop_path=0.5)
+    x = torch.randn(4, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m(x))
+        m.train()
+        torch.manual_seed(1)
+        a = m(x)
+        torch.manual_seed(2)
+        b = m(x)
+    assert not torch.allclose(a, b)
+
+
+def test_reset_classifier_turns_headless_into_classifier():
+    m = make(0)
+    m.reset_classifier(7)
+    assert m(torch.randn(1, 3, 56, 56)).shape == (1, 7)
+    assert isinstance(m.norm, torch.nn.Identity) and m.cfg.num_classes == 7
+
+
+def test_meta_device_build_and_param_count():
+    with torch.device("meta"):
+        m = Eva02(VARIANTS["tiny"].replace(img_size=336, num_classes=1000))
+    assert sum(p.numel() for p in m.parameters()) == 5_756_584
+    assert "blocks.0.attn.k_bias" not in m.state_dict()
+    assert not any("rope" in k for k in m.state_dict())
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        Eva02Config(img_size=225)
+    with pytest.raises(ValueError, match="unknown Eva02Config keys"):
+        Eva02Config.from_dict({"dim": 192, "dpeth": 3})
+    with pytest.raises(ValueError, match="drop_path"):
+        Eva02Config(drop_path=1.5)
+
+
+def test_init_follows_official_scheme():
+    torch.manual_seed(0)
+    m = Eva02(VARIANTS["tiny"].replace(depth=4, num_classes=1000, img_size=56))
+    # head weights are scaled by 0.001 from a std-0.02 truncated normal
+    assert m.head.weight.std().item() == pytest.approx(0.02 * 0.001, rel=0.1)
+    # output projections shrink with depth: std 0.02 / sqrt(2 * layer_id)
+    s1 = m.blocks[0].attn.proj.weight.std().item()
+    s4 = m.blocks[3].attn.proj.weight.std().item()
+    assert s1 / s4 == pytest.approx(2.0, rel=0.1)

@@ -1,0 +1,74 @@
+"""2-D RoPE: agreement with the official formula, norm preservation, relative-position property."""
+
+import math
+
+import pytest
+import torch
+
+from eva02.model.rope import apply_rope, rope_angles, rope_tables, rotate_half_reference
+
+
+def official_rope(x: torch.Tensor, S: int, head_dim: int, pt_seq_len: int = 16, theta: float = 10000.0):
+    """The official VisionRotaryEmbeddingFast written out step by step (patch tokens only)."""
+    dim = head_dim // 2
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    t = torch.arange(S).float() / S * pt_seq_len
+    f = torch.einsum("i,f->if", t, freqs).repeat_interleave(2, dim=-1)  # (S, dim)
+    f2 = torch.cat([f[:, None, :].expand(S, S, dim), f[None, :, :].expand(S, S, dim)], dim=-1)
+    cos, sin = f2.cos().view(S * S, head_dim), f2.sin().view(S * S, head_dim)
+    return x * cos + rotate_half_reference(x) * sin
+
+
+@pytest.mark.parametrize("S", [16, 24, 32, 7])
+def test_matches_official_formula(S):
+    hd = 64
+    x = torch.randn(2, 3, 1 + S * S, hd)
+    cos, sin = rope_tables((S, S), hd, ref_grid=16, num_prefix=1)
+    ours = apply_rope(x, cos, sin)
+    ref = official_rope(x[:, :, 1:], S, hd)
+    torch.testing.assert_close(ours[:, :, 1:], ref, atol=2e-5, rtol=1e-5)
+    assert torch.equal(ours[:, :, 0], x[:, :, 0]), "the class token must not be rotated"
+
+
+def test_positions_interpolated_to_reference_grid():
+    # At a 24x24 grid the last row sits at 23 * 16 / 24 on the 16-grid scale, not at 23.
+    ang = rope_angles((24, 24), 64, ref_grid=16, theta=10000.0)
+    last_row = ang[23 * 24, 0].item()  # first frequency is 1
+    assert math.isclose(last_row, 23 * 16 / 24, rel_tol=1e-12)
+    # columns live in the second half of the head
+    assert ang[1, 32].item() == pytest.approx(16 / 24)
+    assert ang[1, 0].item() == 0.0
+
+
+def test_norm_preserved():
+    x = torch.randn(4, 1 + 10 * 10, 64, dtype=torch.float64)
+    cos, sin = rope_tables((10, 10), 64, dtype=torch.float64)
+    y = apply_rope(x, cos, sin)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+    assert not torch.allclose(y[:, 5:], x[:, 5:]), "a real rotation happened"
+
+
+def test_dot_product_depends_only_on_relative_position():
+    hd, S = 64, 16
+    cos, sin = rope_tables((S, S), hd, ref_grid=S, num_prefix=0, dtype=torch.float64)
+    q = torch.randn(hd, dtype=torch.float64)
+    k = torch.randn(hd, dtype=torch.float64)
+
+    def score(pq, pk):
+        iq, ik = pq[0] * S + pq[1], pk[0] * S + pk[1]
+        rq = apply_rope(q[None], cos[iq : iq + 1], sin[iq : iq + 1])[0]
+        rk = apply_rope(k[None], cos[ik : ik + 1], sin[ik : ik + 1])[0]
+        return (rq @ rk).item()
+
+    # same offset (2, -3) at two places -> same score; another offset -> different score
+    a = score((3, 7), (5, 4))
+    b = score((10, 12), (12, 9))
+    c = score((10, 12), (13, 9))
+    assert a == pytest.approx(b, abs=1e-10)
+    assert abs(a - c) > 1e-6
+
+
+def test_tables_cover_prefix_with_identity():
+    cos, sin = rope_tables((4, 5), 32, num_prefix=1)
+    assert cos.shape == (1 + 20, 32) and sin.shape == (1 + 20, 32)
+    assert torch.all(cos[0] == 1) and torch.all(sin[0] == 0)
