@@ -1,0 +1,142 @@
+"""`eva02 features`: backbone features of images or folders (`Eva02.extract_feat`) into one .npy or .safetensors file.
+
+The array is (N_images, ...) for one block, (N_images, K, ...) for K blocks of `--out-indices`; rows
+follow the order in which files are listed (arguments in order, directories sorted recursively), with
+unreadable files skipped. That order is saved with the array: in the safetensors metadata ('files', a
+JSON list) or, for .npy, in FILE.npy.txt (one path per line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eva02.cli import CliError
+from eva02.cli.predict import (
+    add_common_args,
+    check_batching,
+    collect_paths,
+    load_model_from_args,
+    progress,
+    warn,
+    worker_count,
+)
+
+OUT_TYPES = ("avg_featmap", "cls_token", "featmap", "raw")
+SUFFIXES = (".npy", ".safetensors")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "features",
+        help="extract image features to .npy/.safetensors",
+        description="Extract backbone features (model.extract_feat) of images into one array file.",
+    )
+    add_common_args(p)
+    p.add_argument("--out", "-o", required=True, metavar="FILE", help="output file, .npy or .safetensors")
+    p.add_argument(
+        "--out-type",
+        default="avg_featmap",
+        choices=OUT_TYPES,
+        help="avg_featmap (N, D) pooled; cls_token (N, D); featmap (N, D, H, W); raw tokens (N, 1+HW, D)",
+    )
+    p.add_argument(
+        "--out-indices", type=int, nargs="+", default=[-1], metavar="I", help="blocks to read, negative from the end"
+    )
+    p.set_defaults(func=run)
+
+
+def extract(model: torch.nn.Module, batch: torch.Tensor, out_type: str, out_indices: list[int]) -> np.ndarray:
+    """One preprocessed batch -> float32 features (B, ...) or (B, K, ...) for several blocks."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        feats = model.extract_feat(batch.to(device), out_type=out_type, out_indices=out_indices)
+    t = feats[0] if len(feats) == 1 else torch.stack(feats, dim=1)
+    return t.float().cpu().numpy()
+
+
+def _atomic(path: Path, write) -> None:
+    """Call write(tmp_path) on a temporary file next to `path`, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_features(path: Path, array: np.ndarray, files: list[str], meta: dict[str, str]) -> list[Path]:
+    """Write the array and its file order atomically; returns the files written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npy":
+
+        def write_npy(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, array)
+
+        listing = path.with_name(path.name + ".txt")
+        _atomic(listing, lambda tmp: Path(tmp).write_text("".join(f + "\n" for f in files), encoding="utf-8"))
+        _atomic(path, write_npy)
+        return [path, listing]
+    from safetensors.numpy import save_file
+
+    metadata = {**meta, "files": json.dumps(files, ensure_ascii=False)}
+    _atomic(path, lambda tmp: save_file({"features": np.ascontiguousarray(array)}, tmp, metadata=metadata))
+    return [path]
+
+
+def run(args: argparse.Namespace) -> int:
+    from eva02.data.transforms import eval_transform
+    from eva02.inference import iter_file_batches
+
+    out = Path(args.out)
+    if out.suffix not in SUFFIXES:
+        raise CliError(f"--out '{out}' must end in .npy or .safetensors")
+    if out.is_dir():
+        raise CliError(f"--out '{out}' is a directory; give a file name ending in .npy or .safetensors")
+    check_batching(args)
+    paths = collect_paths(args)
+    model, pre = load_model_from_args(args, need_head=False)
+    depth = len(model.blocks)
+    bad = [i for i in args.out_indices if not -depth <= i < depth]
+    if bad:
+        raise CliError(f"--out-indices {bad} out of range for a {depth}-block model (use -{depth}..{depth - 1})")
+    transform = eval_transform(pre)
+    device = next(model.parameters()).device
+    chunks, files, failed = [], [], 0
+    bar = progress(len(paths), args.batch_size, "features")
+    for indices, batch, errors in iter_file_batches(
+        paths, transform, args.batch_size, worker_count(args, len(paths)), device.type == "cuda"
+    ):
+        for _, err in errors:
+            warn("features", err)
+        failed += len(errors)
+        if batch is not None:
+            chunks.append(extract(model, batch, args.out_type, args.out_indices))
+            files.extend(str(paths[i]) for i in indices)
+        bar.update(len(indices) + len(errors))
+    bar.close()
+    if not files:
+        print(f"eva02 features: none of the {len(paths)} images could be read; nothing written", file=sys.stderr)
+        return 1
+    array = np.concatenate(chunks)
+    meta = {
+        "model": args.model or str(args.checkpoint),
+        "out_type": args.out_type,
+        "out_indices": json.dumps(args.out_indices),
+        "img_size": str(pre.img_size),
+    }
+    written = save_features(out, array, files, meta)
+    print(f"wrote {' and '.join(map(str, written))}: features {tuple(array.shape)} float32 for {len(files)} images")
+    if failed:
+        print(f"eva02 features: {failed} of {len(paths)} images failed", file=sys.stderr)
+    return 1 if failed else 0

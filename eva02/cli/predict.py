@@ -1,0 +1,187 @@
+"""`eva02 predict`: classify images or folders with a zoo model or a checkpoint; table, JSON lines or drawings.
+
+Images are decoded in DataLoader workers while the model runs. A file that cannot be read gets a
+one-line warning on stderr and is skipped; the exit code is then 1. Also holds the argument and
+model-loading helpers that `eva02 features` shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from eva02.cli import CliError
+
+DEMO_MODEL = "eva02-tiny-p14_in21k-pre_3rdparty_in1k"
+
+
+# ------------------------------------------------------------------------------- shared helpers
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Inputs, model, checkpoint, device and batching options of `predict` and `features`."""
+    p.add_argument("images", nargs="*", metavar="IMAGES", help="image files and/or directories (searched recursively)")
+    p.add_argument("--model", "-m", metavar="NAME", help="zoo model name (see `eva02 list`)")
+    p.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="weights to load into --model's architecture (any known format); "
+        "without --model, an eva02 checkpoint that embeds its config",
+    )
+    p.add_argument("--batch-size", "-b", type=int, default=16, metavar="N", help="images per forward pass (16)")
+    p.add_argument("--device", metavar="D", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument(
+        "--workers", type=int, metavar="N", help="image decoding processes (default: up to 4 when over one batch)"
+    )
+    p.add_argument("--img-size", type=int, metavar="S", help="evaluate at this size instead of the model's")
+
+
+def collect_paths(args: argparse.Namespace) -> list[Path]:
+    """Expand the IMAGES arguments (and --demo) to files, refusing an empty selection."""
+    from eva02.data.images import iter_image_paths
+
+    inputs = list(args.images)
+    if getattr(args, "demo", False):
+        from eva02.assets import DEMO_IMAGE
+
+        inputs.append(DEMO_IMAGE)
+    if not inputs:
+        raise CliError("no images given: pass image files or directories" + (", or --demo" if "demo" in args else ""))
+    paths = iter_image_paths(inputs)
+    if not paths:
+        raise CliError(f"no image files found in {', '.join(map(str, inputs))} (looked for .jpg, .png, .webp, ...)")
+    return paths
+
+
+def check_batching(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers is not None and args.workers < 0:
+        raise CliError(f"--workers must be >= 0, got {args.workers}")
+
+
+def load_model_from_args(args: argparse.Namespace, need_head: bool):
+    """(model, preprocess) from --model / --checkpoint / --device / --img-size, with one-line errors."""
+    from eva02.inference import load_for_inference
+
+    if args.model is None and args.checkpoint is None:
+        raise CliError("give --model NAME (see `eva02 list`) or --checkpoint FILE")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise CliError(f"--checkpoint file '{args.checkpoint}' does not exist")
+    try:
+        return load_for_inference(
+            args.model, checkpoint=args.checkpoint, device=args.device, img_size=args.img_size, need_head=need_head
+        )
+    except KeyError as e:  # unknown zoo name
+        raise CliError(str(e.args[0]) if e.args else f"unknown model {args.model!r}") from None
+    except (OSError, RuntimeError) as e:  # download, file or state-dict problems
+        raise CliError(f"cannot load the model: {' '.join(str(e).split())}") from None
+
+
+def worker_count(args: argparse.Namespace, num_images: int) -> int:
+    from eva02.inference import auto_workers
+
+    return args.workers if args.workers is not None else auto_workers(num_images, args.batch_size)
+
+
+def progress(total: int, batch_size: int, desc: str) -> tqdm:
+    """A stderr progress bar, shown only when there is more than one batch."""
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=total <= batch_size, leave=False)
+
+
+def warn(cmd: str, msg: str) -> None:
+    tqdm.write(f"eva02 {cmd}: warning: {msg} (skipped)", file=sys.stderr)
+
+
+def output_names(paths: Sequence[Path], suffix: str = "_topk") -> list[str]:
+    """Unique output file names: the path below the inputs' common folder, with '/' -> '__'."""
+    resolved = [p.resolve() for p in paths]
+    root = Path(os.path.commonpath([p.parent for p in resolved])) if resolved else Path("/")
+    names, used = [], set()
+    for p in resolved:
+        ext = ".jpg" if p.suffix.lower() in (".jpg", ".jpeg") else ".png"
+        base = "__".join(p.relative_to(root).with_suffix("").parts) + suffix
+        name, n = base + ext, 1
+        while name.lower() in used:  # e.g. 'a__b/c.png' vs 'a/b__c.png', or a.PNG vs a.png
+            name, n = f"{base}-{n}{ext}", n + 1
+        used.add(name.lower())
+        names.append(name)
+    return names
+
+
+# ----------------------------------------------------------------------------------- predict
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="classify images",
+        description="Classify images with an EVA-02 model: top-k classes per image.",
+        epilog=f"example: eva02 predict --demo --model {DEMO_MODEL}",
+    )
+    add_common_args(p)
+    p.add_argument("--demo", action="store_true", help="also classify the bundled demo photo (a cat)")
+    p.add_argument("--topk", "-k", type=int, default=5, metavar="K", help="classes to show per image (5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
+    p.add_argument("--out", metavar="DIR", help="write each image with its top-k bars drawn under it into DIR")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (faster on GPUs; scores differ ~1e-3)")
+    p.set_defaults(func=run)
+
+
+def format_table(path: Path, result: dict) -> str:
+    lines = [str(path)]
+    for rank, (label, name, score) in enumerate(result["topk"], start=1):
+        lines.append(f"  {rank:>2}. {score:7.4f}  {name}  ({label})")
+    return "\n".join(lines)
+
+
+def format_json(path: Path, result: dict) -> str:
+    rec = {
+        "file": str(path),
+        "pred_label": result["pred_label"],
+        "pred_class": result["pred_class"],
+        "pred_score": round(result["pred_score"], 6),
+        "topk": [{"label": lab, "class": name, "score": round(s, 6)} for lab, name, s in result["topk"]],
+    }
+    return json.dumps(rec, ensure_ascii=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from eva02.data.images import ImageError, load_image, save_image_atomic
+    from eva02.inference import Predictor, draw_topk, iter_file_batches
+
+    if args.topk < 1:
+        raise CliError(f"--topk must be >= 1, got {args.topk}")
+    check_batching(args)
+    paths = collect_paths(args)
+    model, pre = load_model_from_args(args, need_head=True)
+    predictor = Predictor(model, preprocess=pre, batch_size=args.batch_size)
+    predictor.amp = args.amp
+    out_dir = Path(args.out) if args.out else None
+    names = output_names(paths) if out_dir else []
+    failed = 0
+    bar = progress(len(paths), args.batch_size, "predict")
+    batches = iter_file_batches(
+        paths, predictor.transform, args.batch_size, worker_count(args, len(paths)), predictor.device.type == "cuda"
+    )
+    for indices, batch, errors in batches:
+        for _, err in errors:
+            warn("predict", err)
+        failed += len(errors)
+        probs = predictor.probabilities(batch) if batch is not None else []
+        for i, row in zip(indices, probs, strict=True):
+            res = predictor.result(row, args.topk)
+            tqdm.write(format_json(paths[i], res) if args.json else format_table(paths[i], res), file=sys.stdout)
+            if out_dir is not None:
+                try:
+                    save_image_atomic(draw_topk(load_image(paths[i]), res), out_dir / names[i], quality=92)
+                except (ImageError, OSError) as e:
+                    warn("predict", f"cannot write the drawing of '{paths[i]}': {e}")
+                    failed += 1
+        bar.update(len(indices) + len(errors))
+    bar.close()
+    if failed:
+        print(f"eva02 predict: {failed} of {len(paths)} images failed", file=sys.stderr)
+    return 1 if failed else 0
