@@ -1,0 +1,308 @@
+"""Checkpoint key maps between our parameter layout and the official BAAI, timm and mmpretrain layouts.
+
+Every difference between formats lives in the tables below (rule = our key parts <-> their key parts),
+not in the model. Three upstream files define the other layouts: the official
+`EVA-02/asuka/modeling_finetune.py` / `modeling_pretrain.py` (BAAI `.pt` files), timm's
+`timm/models/eva.py` (`Eva`) and mmpretrain's `mmpretrain/models/backbones/vit_eva02.py` (`ViTEVA02`,
+written by `tools/model_converters/eva02_to_mmpretrain.py`).
+
+Also here: format detection from key names, and fitting a state dict to a config (patch-kernel resize
+by FlexiViT's pseudo-inverse, arXiv 2212.08013 sec. 3.4, and bicubic position-embedding resize).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from eva02.model.config import Eva02Config
+from eva02.model.vit import resample_pos_embed
+
+FORMATS = ("eva02", "official", "timm", "mmpretrain")
+
+Tensor = torch.Tensor
+StateDict = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Our key parts <-> their key parts: each side concatenated along dim 0 is the same tensor.
+
+    `{i}` stands for a block index and `{p}` for `weight` or `bias`. A `None` part is a zero tensor
+    the same size as its siblings that one side does not store (the k bias of the attention).
+    `when` limits a rule to one layout: 'fused' (Ti/S: fused qkv, packed SwiGLU), 'split' (B/L:
+    separate q/k/v, w1/w2 and a sub-LN), 'headless' or 'classifier'; 'any' applies always.
+    """
+
+    ours: tuple[str | None, ...]
+    theirs: tuple[str | None, ...]
+    when: str = "any"
+
+
+def _same(*keys: str, when: str = "any") -> list[Rule]:
+    return [Rule((k,), (k,), when) for k in keys]
+
+
+def _rename(pairs: dict[str, str], when: str = "any") -> list[Rule]:
+    return [Rule((ours,), (theirs,), when) for ours, theirs in pairs.items()]
+
+
+B = "blocks.{i}."
+_STEM = ("patch_embed.proj.{p}", "cls_token", "pos_embed")
+_BLOCK = (B + "norm1.{p}", B + "norm2.{p}", B + "attn.proj.{p}")
+_QKV_SPLIT = (B + "attn.q_proj.weight", B + "attn.k_proj.weight", B + "attn.v_proj.weight")
+
+OFFICIAL: list[Rule] = [
+    *_same(*_STEM, *_BLOCK, B + "attn.q_bias", B + "attn.v_bias", B + "mlp.w3.{p}"),
+    *_same("norm.{p}", "fc_norm.{p}", "head.{p}"),
+    *_same(B + "attn.qkv.weight", B + "mlp.w12.{p}", when="fused"),
+    Rule((B + "attn.qkv.weight",), _QKV_SPLIT, "split"),
+    Rule((B + "mlp.w12.{p}",), (B + "mlp.w1.{p}", B + "mlp.w2.{p}"), "split"),
+    *_rename({B + "mlp.norm.{p}": B + "mlp.ffn_ln.{p}"}),
+]
+
+TIMM: list[Rule] = [
+    *_same(*_STEM, *_BLOCK, "head.{p}"),
+    *_rename({B + "mlp.w3.{p}": B + "mlp.fc2.{p}"}),
+    *_same(B + "mlp.norm.{p}"),
+    *_same(B + "attn.qkv.weight", B + "attn.q_bias", B + "attn.v_bias", when="fused"),
+    *_rename({B + "mlp.w12.{p}": B + "mlp.fc1.{p}"}, when="fused"),
+    Rule((B + "attn.qkv.weight",), _QKV_SPLIT, "split"),
+    *_rename({B + "attn.q_bias": B + "attn.q_proj.bias", B + "attn.v_bias": B + "attn.v_proj.bias"}, when="split"),
+    Rule((B + "mlp.w12.{p}",), (B + "mlp.fc1_g.{p}", B + "mlp.fc1_x.{p}"), "split"),
+    # timm pools first and normalises after (fc_norm) in every model; the official MIM checkpoints'
+    # per-token `norm` is what timm stores there, so for a headless model it is our `norm`.
+    *_rename({"norm.{p}": "fc_norm.{p}"}, when="headless"),
+    *_same("fc_norm.{p}", when="classifier"),
+]
+
+_MB = "backbone.layers.{i}."
+MMPRETRAIN: list[Rule] = [
+    *_rename(
+        {
+            "patch_embed.proj.{p}": "backbone.patch_embed.projection.{p}",
+            "cls_token": "backbone.cls_token",
+            "pos_embed": "backbone.pos_embed",
+            "head.{p}": "head.fc.{p}",
+        }
+    ),
+    *_rename({B + s: _MB + s for s in ("norm1.{p}", "norm2.{p}", "attn.qkv.weight", "attn.proj.{p}")}),
+    *_rename({B + s: _MB + s for s in ("mlp.w12.{p}", "mlp.norm.{p}", "mlp.w3.{p}")}),
+    # mmpretrain's fused qkv bias has a k part (a trainable parameter there); ours has none.
+    Rule((B + "attn.q_bias", None, B + "attn.v_bias"), (_MB + "attn.qkv.bias",)),
+    *_rename({"norm.{p}": "backbone.ln2.{p}"}, when="headless"),
+    *_rename({"fc_norm.{p}": "backbone.ln2.{p}"}, when="classifier"),
+]
+
+_OURS_KEYS = (*_STEM, *_BLOCK, B + "attn.qkv.weight", B + "attn.q_bias", B + "attn.v_bias")
+EVA02: list[Rule] = _same(*_OURS_KEYS, B + "mlp.w12.{p}", B + "mlp.norm.{p}", B + "mlp.w3.{p}") + _same(
+    "norm.{p}", "fc_norm.{p}", "head.{p}"
+)
+
+TABLES: dict[str, list[Rule]] = {"eva02": EVA02, "official": OFFICIAL, "timm": TIMM, "mmpretrain": MMPRETRAIN}
+
+# Pre-training-only tensors of the official MIM checkpoints: not part of an Eva02, handed to a MIM
+# wrapper on request (see `to_ours(mim=...)`).
+MIM_EXTRAS = {"official": ("mask_token", "lm_head.{p}")}
+
+
+class KBiasError(ValueError):
+    """An mmpretrain checkpoint whose k bias is non-zero: not loadable into the official architecture."""
+
+
+@functools.cache
+def _pattern(template: str) -> re.Pattern:
+    regex = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    return re.compile(regex)
+
+
+def _match(key: str, template: str | None) -> dict[str, str] | None:
+    if template is None:
+        return None
+    m = _pattern(template).fullmatch(key)
+    return m.groupdict() if m else None
+
+
+def _check_fmt(fmt: str) -> None:
+    if fmt not in TABLES:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; use one of {FORMATS} or 'auto'")
+
+
+def _applicable(rules: list[Rule], split: bool, headless: bool) -> list[Rule]:
+    allowed = {"any", "split" if split else "fused", "headless" if headless else "classifier"}
+    return [r for r in rules if r.when in allowed]
+
+
+def _convert(sd: StateDict, rules: list[Rule], src: str, dst: str, fmt: str) -> StateDict:
+    """Apply `rules` from side `src` ('ours'/'theirs') to side `dst`; strict about unknown/missing keys."""
+    groups: dict[tuple, dict[int, Tensor]] = {}
+    unknown = []
+    for key, value in sd.items():
+        for rule in rules:
+            hit = next(((j, g) for j, t in enumerate(getattr(rule, src)) if (g := _match(key, t)) is not None), None)
+            if hit is not None:
+                j, g = hit
+                groups.setdefault((rule, tuple(sorted(g.items()))), {})[j] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        head = ", ".join(unknown[:8]) + (f" ... ({len(unknown)} in all)" if len(unknown) > 8 else "")
+        side = "our" if src == "ours" else f"the {fmt!r}"
+        raise ValueError(f"checkpoint keys not in {side} EVA-02 layout: {head}; check the format (--fmt / fmt=)")
+    out: StateDict = {}
+    missing = []
+    for (rule, fill), parts in groups.items():
+        names = getattr(rule, src)
+        absent = [t.format(**dict(fill)) for j, t in enumerate(names) if t is not None and j not in parts]
+        if absent:
+            missing += absent
+            continue
+        like = next(iter(parts.values()))
+        tensors = [parts[j] if t is not None else torch.zeros_like(like) for j, t in enumerate(names)]
+        whole = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        targets = getattr(rule, dst)
+        for t, piece in zip(targets, whole.chunk(len(targets)), strict=True):
+            if t is None:
+                _check_zero(piece, fill, fmt)
+            else:
+                out[t.format(**dict(fill))] = piece.clone() if len(targets) > 1 else piece
+    if missing:
+        raise ValueError(f"{fmt!r} checkpoint is incomplete, missing: {', '.join(sorted(missing)[:8])}")
+    return out
+
+
+def _check_zero(piece: Tensor, fill: tuple, fmt: str) -> None:
+    if torch.count_nonzero(piece):
+        where = dict(fill).get("i", "?")
+        raise KBiasError(
+            f"this {fmt} checkpoint has a non-zero k bias (block {where}, max |b_k| = {piece.abs().max():.3g}): "
+            "mmpretrain trains a k bias that the official EVA-02 attention does not have, so these weights "
+            "cannot be loaded exactly; use the official or timm weights of this model instead"
+        )
+
+
+def _is_split_theirs(sd: StateDict, rules: list[Rule]) -> bool:
+    split_only = [t for r in rules if r.when == "split" for t in r.theirs if t is not None]
+    return any(_match(k, t) is not None for k in sd for t in split_only)
+
+
+def _is_classifier_theirs(sd: StateDict, rules: list[Rule]) -> bool:
+    heads = [t for r in rules if r.ours and r.ours[0] == "head.{p}" for t in r.theirs]
+    return any(_match(k, t) is not None for k in sd for t in heads)
+
+
+def to_ours(sd: StateDict, fmt: str, cfg: Eva02Config | None = None, mim: dict | None = None) -> StateDict:
+    """Convert a flat state dict in format `fmt` to our layout.
+
+    RoPE buffers are dropped. MIM-only tensors (`mask_token`, `lm_head.*`) are dropped, or stored in
+    `mim` if a dict is given. An mmpretrain headless checkpoint has no final norm: it gets a unit-affine
+    LayerNorm (with a warning). `cfg` is only used for the size of that norm when given.
+    """
+    _check_fmt(fmt)
+    rules = TABLES[fmt]
+    sd = {k: v for k, v in sd.items() if "rope" not in k}
+    extras = [t for t in MIM_EXTRAS.get(fmt, ())]
+    kept = {}
+    for k, v in sd.items():
+        if any(_match(k, t) is not None for t in extras):
+            if mim is not None:
+                mim[k] = v
+        else:
+            kept[k] = v
+    headless = not _is_classifier_theirs(kept, rules)
+    out = _convert(kept, _applicable(rules, _is_split_theirs(kept, rules), headless), "theirs", "ours", fmt)
+    if fmt == "mmpretrain" and headless and "norm.weight" not in out:
+        # mmpretrain's converter drops the MIM `norm` and its headless model has no final norm; the
+        # affine part is lost, so tokens are normalised with unit scale and zero shift.
+        dim = cfg.dim if cfg is not None else out["cls_token"].shape[-1]
+        like = out["cls_token"]
+        out["norm.weight"] = torch.ones(dim, dtype=like.dtype)
+        out["norm.bias"] = torch.zeros(dim, dtype=like.dtype)
+        warnings.warn(
+            "mmpretrain headless checkpoint has no final norm (backbone.ln2 absent): using a LayerNorm with "
+            "unit scale and zero shift; load the official MIM weights to get the trained final norm",
+            stacklevel=2,
+        )
+    return out
+
+
+def from_ours(sd: StateDict, fmt: str, cfg: Eva02Config | None = None, mim: dict | None = None) -> StateDict:
+    """Convert our state dict to format `fmt` (the inverse of `to_ours`); `mim` tensors are added (official)."""
+    _check_fmt(fmt)
+    split = cfg.sub_ln if cfg is not None else any(k.endswith("mlp.norm.weight") for k in sd)
+    headless = "head.weight" not in sd
+    out = _convert(sd, _applicable(TABLES[fmt], split, headless), "ours", "theirs", fmt)
+    if mim:
+        if fmt != "official":
+            raise ValueError(f"MIM tensors (mask_token, lm_head) can only be written in the official format, not {fmt}")
+        out.update(mim)
+    return out
+
+
+def detect_format(sd: StateDict) -> str:
+    """Tell the checkpoint format from key names: 'mmpretrain', 'timm', 'official' or 'eva02'."""
+    keys = list(sd)
+    if any(k.startswith(("backbone.", "head.fc.")) for k in keys):
+        return "mmpretrain"
+    if any(re.search(r"\.mlp\.(fc1|fc1_g|fc1_x|fc2)\.|\.attn\.q_proj\.bias", k) for k in keys):
+        return "timm"
+    official = re.compile(r"\.attn\.q_proj\.weight|\.mlp\.(w1|w2|ffn_ln)\.|^mask_token$|^lm_head\.|rope")
+    if any(official.search(k) for k in keys):
+        return "official"
+    if any(k.startswith("blocks.") and ".mlp.w12." in k for k in keys):
+        # Also the official Ti/S fine-tuned layout, which has exactly our key names.
+        return "eva02"
+    shown = ", ".join(keys[:5])
+    raise ValueError(f"cannot tell the checkpoint format from its keys ({shown}, ...); pass fmt= or --fmt")
+
+
+# --------------------------------------------------------------------------------- resampling
+def resize_patch(x: Tensor, size: int, mode: str = "bicubic", antialias: bool = True) -> Tensor:
+    """Resize (..., p, p) patches to (..., size, size): the resize the patch-kernel resampling inverts.
+
+    With antialias, torch's bicubic uses the PIL kernel (a = -0.5) also when upsampling, as images are
+    usually resized with PIL; timm resamples patch kernels with the same setting.
+    """
+    lead = x.shape[:-2]
+    x = x.reshape(-1, 1, *x.shape[-2:])
+    out = F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=antialias)
+    return out.reshape(*lead, size, size)
+
+
+def resample_patch_embed(weight: Tensor, new_size: int, mode: str = "bicubic", antialias: bool = True) -> Tensor:
+    """Resize a (D, C, p, p) patch kernel to (D, C, q, q) keeping each token the same (FlexiViT pinv).
+
+    With M the resize matrix (resize(x).flatten() = x.flatten() @ M), the new kernel w' solves M w' = w
+    in the least-squares / minimum-norm sense, so <resize(x), w'> = <x, w> for every patch x when
+    upsampling (M has full row rank) and as nearly as possible when downsampling.
+    """
+    D, C, p, _ = weight.shape
+    if p == new_size:
+        return weight
+    basis = torch.eye(p * p, dtype=torch.float64).reshape(p * p, p, p)
+    resize = resize_patch(basis, new_size, mode, antialias).reshape(p * p, new_size * new_size)  # M
+    pinv = torch.linalg.pinv(resize)  # (q*q, p*p)
+    w = weight.reshape(D * C, p * p).to(torch.float64)
+    return (w @ pinv.T).reshape(D, C, new_size, new_size).to(weight.dtype)
+
+
+def fit_to_config(sd: StateDict, cfg: Eva02Config) -> StateDict:
+    """Resample the patch kernel and the position embedding of our state dict to `cfg`'s patch and grid."""
+    sd = dict(sd)
+    w = sd.get("patch_embed.proj.weight")
+    if w is not None and w.ndim == 4 and w.shape[-1] != cfg.patch_size and w.shape[-1] == w.shape[-2]:
+        sd["patch_embed.proj.weight"] = resample_patch_embed(w, cfg.patch_size)
+    pos = sd.get("pos_embed")
+    if pos is not None and pos.ndim == 3 and pos.shape[1] != 1 + cfg.grid**2:
+        old = math.isqrt(pos.shape[1] - 1)
+        if old * old != pos.shape[1] - 1:
+            raise ValueError(f"checkpoint pos_embed {tuple(pos.shape)} is not a square grid plus a cls slot")
+        sd["pos_embed"] = resample_pos_embed(pos, (old, old), (cfg.grid, cfg.grid))
+    return sd
