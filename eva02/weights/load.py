@@ -57,15 +57,16 @@ def _torch_load(path: Path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():
-            what = re.search(r"GLOBAL (\S+)|global (\S+)", str(e))
-            found = f" ({what.group(0)})" if what else ""
+        # torch names the refused callable as "GLOBAL module.name"; other failures are plain corruption.
+        what = re.search(r"GLOBAL (\S+)", str(e))
+        if what:
             raise UnsafeCheckpointError(
-                f"{path} is refused: loading it would execute code{found}; if you trust its origin, convert it "
-                "to safetensors in a separate trusted step (torch.load(..., weights_only=False) then "
-                "safetensors.torch.save_file) and load that file"
+                f"{path} is refused: loading it would execute code (it calls {what.group(1)}); if you trust its "
+                "origin, convert it to safetensors in a separate trusted step (torch.load(..., weights_only=False) "
+                "then safetensors.torch.save_file) and load that file"
             ) from None
-        raise ValueError(f"cannot read {path}: not a valid checkpoint ({e})") from e
+        detail = " ".join(line for line in str(e).splitlines() if "error" in line.lower() or "operand" in line)
+        raise ValueError(f"cannot read {path}: not a valid checkpoint ({detail.strip() or 'unpickling failed'})") from e
     except RuntimeError as e:
         raise ValueError(f"cannot read {path}: not a valid torch checkpoint ({str(e).splitlines()[0]})") from e
 
