@@ -69,12 +69,13 @@ def load_for_inference(
         dev = resolve_device(device, model)
         net, pre = model, preprocess or preprocess_for_model(model)
     elif isinstance(model, str):
-        from eva02.weights.load import get_model
         from eva02.weights.zoo import resolve
 
         entry = resolve(model)
-        if need_head and entry.cfg.num_classes == 0:
+        if need_head and entry.cfg.num_classes == 0 and checkpoint is None:  # a checkpoint may bring a head
             raise ValueError(f"model '{entry.name}' {NO_HEAD}")
+        from eva02.weights.load import get_model  # after the checks: an error must not wait for a download
+
         dev = resolve_device(device)
         net = get_model(entry, pretrained=checkpoint if checkpoint is not None else True, device=dev)
         pre = preprocess or entry.preprocess
@@ -83,7 +84,7 @@ def load_for_inference(
 
         dev = resolve_device(device)
         net = load_model(checkpoint)
-        pre = preprocess or preprocess_for_model(net)
+        pre = preprocess or _zoo_preprocess_of(checkpoint, net) or preprocess_for_model(net)
     else:
         raise ValueError(f"model must be a zoo name or an Eva02 instance, got {type(model).__name__}")
     if need_head and not net.is_classifier:
@@ -93,6 +94,19 @@ def load_for_inference(
             raise ValueError(f"img_size={img_size} must be a positive multiple of the patch size {net.cfg.patch_size}")
         pre = replace(pre, img_size=img_size)
     return net.to(dev).eval(), pre
+
+
+def _zoo_preprocess_of(checkpoint: str | os.PathLike, net: Eva02) -> Preprocess | None:
+    """The zoo preprocessing of a checkpoint saved with a zoo name, if it is for the same input size."""
+    from eva02.weights.load import read_metadata
+    from eva02.weights.zoo import resolve
+
+    name = read_metadata(checkpoint).get("name")
+    try:
+        pre = resolve(name).preprocess if name else None
+    except ValueError:  # a custom name, not one of the zoo
+        return None
+    return pre if pre is not None and pre.img_size == net.cfg.img_size else None
 
 
 def class_names_for(num_classes: int, class_names: Sequence[str] | None = None) -> list[str]:
