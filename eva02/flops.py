@@ -149,8 +149,9 @@ def count_flops_by_op(
         raise ValueError("count_flops of a module other than Eva02 needs img_size (its input side in pixels)")
     param = next(iter(model_or_cfg.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     # Other modules run for real where their weights live (meta works too); keep them small.
-    x = torch.zeros(batch, 3, img_size, img_size, device=device)
+    x = torch.zeros(batch, 3, img_size, img_size, device=device, dtype=dtype)
     return _count(model_or_cfg, x).by_op
 
 
