@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +158,34 @@ def test_draw_topk_bars_proportional():
     bar_w = 400 // 2 - 8 - 56
     assert abs(green.sum(axis=1).max() - 0.8 * bar_w) <= 2
     assert abs(blue.sum(axis=1).max() - 0.1 * bar_w) <= 2
+
+
+def test_zoo_name_with_timm_checkpoint_matches_timm_pipeline(tmp_path, capsys):
+    """Name + checkpoint: zoo preprocessing, conversion and softmax equal timm's own pipeline end to end."""
+    timm = pytest.importorskip("timm")
+    timm_data = pytest.importorskip("timm.data")
+    from safetensors.torch import save_file
+
+    from eva02.assets import DEMO_IMAGE
+    from eva02.cli import main
+
+    torch.manual_seed(0)
+    ref_model = timm.create_model("eva02_tiny_patch14_336.mim_in22k_ft_in1k", pretrained=False).eval()
+    with torch.no_grad():
+        ref_model.head.weight.normal_(0, 0.5)
+    ckpt = tmp_path / "timm_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in ref_model.state_dict().items()}, ckpt)
+    tf = timm_data.create_transform(**timm_data.resolve_data_config({}, model=ref_model))
+    with torch.no_grad():
+        ref = torch.softmax(ref_model(tf(Image.open(DEMO_IMAGE).convert("RGB"))[None]), -1)[0].numpy()
+
+    name = "eva02-tiny-p14_in21k-pre_3rdparty_in1k"
+    pred = Predictor(name, checkpoint=ckpt, device="cpu")
+    assert pred.preprocess.img_size == 336
+    r = pred.predict([DEMO_IMAGE])[0]
+    np.testing.assert_allclose(r["pred_scores"], ref, atol=1e-5)
+    assert r["pred_label"] == int(ref.argmax())
+
+    assert main(["predict", str(DEMO_IMAGE), "--model", name, "--checkpoint", str(ckpt), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["pred_label"] == int(ref.argmax()) and rec["pred_score"] == pytest.approx(float(ref.max()), abs=1e-5)
