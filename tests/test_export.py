@@ -1,0 +1,120 @@
+"""Exports (ONNX, TorchScript, torch.export) of a small Eva02, checked numerically against eager."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from eva02.cli import main
+from eva02.export import export_model, run_exported, verify_export
+from eva02.model.config import VARIANTS
+from eva02.model.vit import Eva02
+
+HAVE_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
+
+
+@pytest.fixture(scope="module")
+def model() -> Eva02:
+    torch.manual_seed(0)
+    m = Eva02(VARIANTS["test"].replace(num_classes=10)).eval()
+    with torch.no_grad():  # non-zero biases so a lost q/v bias or head bias would show
+        for blk in m.blocks:
+            blk.attn.q_bias.normal_(0, 0.1)
+            blk.attn.v_bias.normal_(0, 0.1)
+        m.head.weight.normal_(0, 0.1)
+    return m
+
+
+def _check_batches(path, model, fmt, batches=(1, 3), size=56) -> None:
+    for b in batches:
+        x = torch.randn(b, 3, size, size)
+        got = run_exported(path, x, fmt)
+        with torch.no_grad():
+            ref = model(x)
+        assert got.shape == (b, 10)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        assert verify_export(path, model, x, fmt) < 1e-5
+
+
+@pytest.mark.skipif(not HAVE_ORT, reason="onnxruntime and onnxscript are needed for ONNX export")
+def test_onnx_dynamic_batch(model, tmp_path):
+    path = export_model(model, "onnx", tmp_path / "m.onnx", dynamic_batch=True)
+    import onnx
+
+    proto = onnx.load(str(path))
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+    _check_batches(path, model, "onnx")
+
+
+def test_torchscript_dynamic_batch(model, tmp_path):
+    path = export_model(model, "torchscript", tmp_path / "m.ts", dynamic_batch=True)
+    _check_batches(path, model, "torchscript")
+
+
+def test_exported_program_dynamic_batch(model, tmp_path):
+    path = export_model(model, "exported-program", tmp_path / "m.pt2", dynamic_batch=True)
+    _check_batches(path, model, "exported-program")
+
+
+def test_exported_program_fixed_batch_rejects_other_batch(model, tmp_path):
+    path = export_model(model, "exported-program", tmp_path / "m.pt2")
+    _check_batches(path, model, "exported-program", batches=(2,))
+    with pytest.raises(AssertionError, match="Guard failed"):  # batch 2 is a guard of a static export
+        run_exported(path, torch.randn(3, 3, 56, 56))
+
+
+def test_other_img_size_bakes_resampled_pos_embed(model, tmp_path):
+    before = model.pos_embed.detach().clone()
+    path = export_model(model, "torchscript", tmp_path / "m70.ts", img_size=70, dynamic_batch=True)
+    assert torch.equal(model.pos_embed, before) and model.cfg.img_size == 56  # caller's model untouched
+    _check_batches(path, model, "torchscript", batches=(2,), size=70)
+
+
+def test_verify_detects_a_different_model(model, tmp_path):
+    path = export_model(model, "exported-program", tmp_path / "m.pt2", dynamic_batch=True)
+    other = Eva02(model.cfg).eval()
+    assert verify_export(path, other, torch.randn(2, 3, 56, 56)) > 1e-3
+
+
+def test_bad_requests_leave_no_file(model, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="unknown export format"):
+        export_model(model, "tflite", tmp_path / "m.tflite")
+    with pytest.raises(ValueError, match=r"\.pt2"):
+        export_model(model, "exported-program", tmp_path / "m.ep")
+
+    def boom(*a, **k):
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr("eva02.export._export_torchscript", boom)
+    with pytest.raises(RuntimeError, match="exporter failed"):
+        export_model(model, "torchscript", tmp_path / "m.ts")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_checkpoint(model, tmp_path, capsys):
+    from eva02.weights.load import save_checkpoint
+
+    ckpt = save_checkpoint(model, tmp_path / "test.safetensors")
+    out = tmp_path / "cli.pt2"
+    rc = main(
+        ["export", "--checkpoint", str(ckpt), "--format", "exported-program", "--out", str(out), "--dynamic-batch"]
+    )
+    text = capsys.readouterr().out
+    assert rc == 0 and out.is_file()
+    assert text.count("verified batch") == 2
+    diffs = [float(line.rsplit("=", 1)[1]) for line in text.splitlines() if line.startswith("verified")]
+    assert max(diffs) < 1e-5
+    _check_batches(out, model, "exported-program", batches=(4,))
+
+
+def test_cli_export_errors(tmp_path, capsys):
+    assert main(["export", "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "NAME" in capsys.readouterr().err
+    rc = main(
+        ["export", "--checkpoint", str(tmp_path / "missing.pt"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
+    )
+    assert rc == 2
+    assert not (tmp_path / "m.onnx").exists()
