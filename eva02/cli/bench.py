@@ -1,0 +1,121 @@
+"""`eva02 bench`: our models against timm's (and mmpretrain's) on this machine, side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from eva02.cli import CliError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="inference / training-step img/s and memory against timm",
+        description="Time our Eva02 and timm's Eva (same architecture, random weights) in interleaved rounds.",
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["tiny-336", "base-448"],
+        metavar="SIZE",
+        help="sizes: test-56 tiny-336 small-336 base-448 large-448 (default: tiny-336 base-448)",
+    )
+    p.add_argument("--impls", nargs="+", default=["ours", "timm"], choices=["ours", "timm", "mmpretrain"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per implementation (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before the rounds")
+    p.add_argument("--compile", action="store_true", help="also time each implementation under torch.compile")
+    p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW)")
+    p.add_argument("--memory", action="store_true", help="also measure training-step memory (subprocess each)")
+    p.add_argument("--grad-ckpt", action="store_true", help="with --memory: also with gradient checkpointing")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--mmp-site", default=None, metavar="DIR", help="folder holding an mmpretrain install")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the full report (all rounds) here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from eva02 import bench
+
+    for name in args.models:
+        if name not in bench.SIZES:
+            raise CliError(f"unknown size {name!r} in --models; choose from {', '.join(bench.SIZES)}")
+    if args.rounds < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        raise CliError("--rounds and --threads must be >= 1 and --warmup >= 0")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CliError("--device cuda was given but no CUDA device is visible; use --device cpu")
+    elif args.dtype != "fp32":
+        raise CliError("--dtype bf16/fp16 is for --device cuda; CPU numbers are fp32")
+    extra = [args.mmp_site] if args.mmp_site else []
+    try:
+        report = bench.run_benchmark(
+            args.models, args.impls, args.rounds, args.warmup, args.compile, args.train, args.memory,
+            args.grad_ckpt, args.device, args.dtype, args.threads, extra,
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )  # fmt: skip
+    except ImportError as e:
+        raise CliError(str(e)) from e
+    m = report["machine"]
+    print(f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, device {m['device']}, {args.dtype}")
+    print(f"matmul peak: {report['matmul_gflop_s']:.1f} GFLOP/s")
+    print(format_table(report))
+    if args.json:
+        write_json(report, Path(args.json))
+        print(f"report written to {args.json}")
+    return 0
+
+
+def write_json(obj: dict, path: Path) -> None:
+    """Write JSON atomically: a temporary file in the same folder, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def format_table(report: dict) -> str:
+    """Markdown table of a report from `run_benchmark` (one row per size and implementation)."""
+    head = "| size | batch | impl | infer img/s | latency ms | x timm | % matmul peak | train img/s | x timm |"
+    lines = [head, "|" + "---|" * 9]
+    for name, res in report["results"].items():
+        train = res.get("train", {})
+        for impl, e in res["infer"].items():
+            t = train.get(impl)
+            cells = [
+                name,
+                str(res["batch"]),
+                impl,
+                f"{e['img_s']:.2f}",
+                f"{e['latency_ms']:.0f}",
+                f"{e['x_timm']:.2f}" if "x_timm" in e else "",
+                f"{100 * e['peak_fraction']:.0f}%",
+                f"{t['img_s']:.2f}" if t else "",
+                f"{t['x_timm']:.2f}" if t and "x_timm" in t else "",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    mem_rows = [(name, impl, e) for name, res in report["results"].items() for impl, e in res.get("memory", {}).items()]
+    if mem_rows:
+        lines += [
+            "",
+            "| size | impl | train step peak MiB | activations MiB | x timm (peak) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, impl, e in mem_rows:
+            act = f"{e['activations_mib']:.0f}" if "activations_mib" in e else ""
+            ratio = f"{e['x_timm_peak']:.2f}" if "x_timm_peak" in e else ""
+            lines.append(f"| {name} | {impl} | {e['peak_mib']:.0f} | {act} | {ratio} |")
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""Functional checks of the benchmark harness on the tiny 'test' size (never speed assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from eva02 import bench
+from eva02.cli import main
+from eva02.model.vit import Eva02
+
+HAVE_TIMM = importlib.util.find_spec("timm") is not None
+needs_timm = pytest.mark.skipif(not HAVE_TIMM, reason="timm is the benchmark's reference")
+
+
+def test_time_interleaved_rotates_order_and_counts_rounds():
+    calls = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
+    times = bench.time_interleaved(fns, rounds=3, warmup=1)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(t >= 0 for v in times.values() for t in v)
+    with pytest.raises(ValueError, match="rounds"):
+        bench.time_interleaved(fns, rounds=0)
+
+
+def test_forward_flops_matches_flop_counter_plus_attention():
+    cfg = bench.SIZES["test-56"].config()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        Eva02(cfg).eval()(torch.randn(1, 3, 56, 56))
+    T = cfg.grid**2 + 1
+    attention = cfg.depth * 2 * (2 * T * T * cfg.dim)  # q k^T and attn v: the counter skips CPU SDPA
+    assert bench.forward_flops(cfg) == fc.get_total_flops() + attention
+
+
+def test_unknown_size_and_impl_are_clear_errors():
+    with pytest.raises(ValueError, match="tiny-336"):
+        bench.get_size("tiny-224")
+    with pytest.raises(ValueError, match="unknown implementation"):
+        bench.build_model("jax", bench.SIZES["test-56"].config())
+
+
+@needs_timm
+def test_timm_twin_has_the_same_architecture():
+    cfg = bench.SIZES["test-56"].config()
+    ours, theirs = Eva02(cfg), bench.build_timm(cfg)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    if bench.load_timm_weights(ours, theirs):  # converter present: same numbers too
+        x = torch.randn(2, 3, 56, 56)
+        with torch.no_grad():
+            torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+@needs_timm
+def test_bench_size_keys_and_ratios_from_measured_numbers():
+    res = bench.bench_size(bench.SIZES["test-56"], ("ours", "timm"), rounds=2, warmup=1, train=True)
+    for mode in ("infer", "train"):
+        assert set(res[mode]) == {"ours", "timm"}
+        for e in res[mode].values():
+            assert len(e["times_s"]) == 2 and e["img_s"] > 0
+            med = sorted(e["times_s"])[0] / 2 + sorted(e["times_s"])[1] / 2
+            assert e["img_s"] == pytest.approx(res["batch"] / med)
+    if res["timm_parity_max_abs"] is not None:
+        assert res["timm_parity_max_abs"] < 1e-4
+    peak = 1e11
+    bench.add_derived(res, peak)
+    for mode, factor in (("infer", 1), ("train", 3)):
+        ours, timm = res[mode]["ours"], res[mode]["timm"]
+        assert ours["x_timm"] == pytest.approx(ours["img_s"] / timm["img_s"])
+        assert "x_timm" not in timm
+        assert ours["peak_fraction"] == pytest.approx(ours["img_s"] * res["gflop_per_img"] * 1e9 * factor / peak)
+
+
+def test_memory_ratios_pair_checkpointed_runs():
+    res = {
+        "gflop_per_img": 1.0,
+        "memory": {
+            "ours": {"peak_mib": 50.0, "activations_mib": 40.0},
+            "timm": {"peak_mib": 100.0, "activations_mib": 80.0},
+            "ours+ckpt": {"peak_mib": 20.0, "activations_mib": 10.0},
+            "timm+ckpt": {"peak_mib": 40.0, "activations_mib": 20.0},
+        },
+    }
+    mem = bench.add_derived(res, 1e9)["memory"]
+    assert mem["ours"]["x_timm_peak"] == 0.5
+    assert mem["ours+ckpt"]["x_timm_peak"] == 0.5  # against timm with checkpointing, not without
+    assert mem["ours+ckpt"]["ckpt_activation_ratio"] == 0.25
+    assert mem["timm+ckpt"]["ckpt_activation_ratio"] == 0.25
+    assert "x_timm_peak" not in mem["timm"]
+
+
+def test_measure_memory_in_a_subprocess():
+    m = bench.measure_memory("ours", bench.SIZES["test-56"], train=True, batch=8, threads=1)
+    assert set(m) == {"base_mib", "activations_mib", "peak_mib"}
+    assert m["base_mib"] > 10  # the interpreter with torch loaded
+    assert m["peak_mib"] >= m["activations_mib"] >= 0
+    with pytest.raises(ValueError, match="unknown implementation"):
+        bench.measure_memory("nope", bench.SIZES["test-56"])
+
+
+@needs_timm
+def test_cli_bench_writes_json_and_table(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = main(["bench", "--models", "test-56", "--rounds", "2", "--threads", "1", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| test-56 | 2 | ours |" in text and "| test-56 | 2 | timm |" in text
+    report = json.loads(out.read_text())
+    assert report["machine"]["threads"] == 1 and report["matmul_gflop_s"] > 0
+    r = report["results"]["test-56"]["infer"]
+    assert r["ours"]["x_timm"] == pytest.approx(r["ours"]["img_s"] / r["timm"]["img_s"])
+
+
+def test_cli_bench_rejects_bad_arguments(capsys):
+    assert main(["bench", "--models", "huge-999"]) == 2
+    assert "unknown size 'huge-999'" in capsys.readouterr().err
+    assert main(["bench", "--models", "test-56", "--dtype", "bf16"]) == 2
+    assert "--device cuda" in capsys.readouterr().err
