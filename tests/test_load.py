@@ -105,6 +105,21 @@ def test_get_model_pretrained_downloads_verifies_and_caches(tmp_path, monkeypatc
         get_model(_entry(src.cfg, broken), pretrained=True)
 
 
+def test_get_model_offline_uses_a_dropped_in_file(tmp_path, monkeypatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("EVA02_HOME", str(cache))
+    src = random_model(small_cfg("test", 3))
+    off = WeightSource("official", (tmp_path / "gone.pt").as_uri(), "gone.pt", fmt="official")
+    mmp = WeightSource("mmpretrain", (tmp_path / "gone.pth").as_uri(), "mmp_20230505-abcd.pth", fmt="mmpretrain")
+    with pytest.raises(OSError) as info:
+        get_model(_entry(src.cfg, off, mmp), pretrained=True)
+    msg = str(info.value)
+    assert f"put it in {cache} under its name (gone.pt, mmp_20230505-abcd.pth)" in msg and "--checkpoint FILE" in msg
+    cache.mkdir(exist_ok=True)
+    write({"state_dict": mmpretrain_state(src)}, cache / "mmp_20230505-abcd.pth")  # the user drops a file in
+    assert torch.equal(outputs(get_model(_entry(src.cfg, off, mmp), pretrained=True)), outputs(src))
+
+
 def test_get_model_by_zoo_name(monkeypatch, tmp_path) -> None:
     cfg = small_cfg("test", 2)
     monkeypatch.setattr(zoo, "resolve", lambda name: _entry(cfg))

@@ -22,13 +22,21 @@ from eva02.weights.zoo import WeightSource
 HF_ENDPOINT = "https://huggingface.co"
 CHUNK = 1 << 20
 TIMEOUT_S = 30.0
+LOCAL_FILE_HINT = "--checkpoint FILE (CLI) or pretrained='FILE' (Python)"
 
 # Cached files already verified in this process: (path, size, mtime_ns); hashing a large file once is enough.
 _VERIFIED: set[tuple[str, int, int]] = set()
 
 
 class DownloadError(OSError, ValueError):
-    """A download that failed or could not start; the message says what to do instead."""
+    """A download that failed or could not start; the message says what to do instead.
+
+    For an unreachable URL, `url`, `dest` (the cache path to drop the file into) and `reason` are set.
+    """
+
+    url: str | None = None
+    dest: Path | None = None
+    reason: str | None = None
 
 
 class ChecksumError(DownloadError):
@@ -95,10 +103,12 @@ def _verify_cached(path: Path, source: WeightSource) -> Path:
 
 
 def _offline_error(url: str, dest: Path, reason: object) -> DownloadError:
-    return DownloadError(
+    err = DownloadError(
         f"cannot download {url} ({reason}); if this machine is offline, fetch that file elsewhere and put it "
-        f"at {dest}, or load a local file directly with --checkpoint FILE (CLI) or pretrained='FILE' (Python)"
+        f"at {dest}, or load a local file directly with {LOCAL_FILE_HINT}"
     )
+    err.url, err.dest, err.reason = url, dest, str(reason)
+    return err
 
 
 def _stream(resp, out, url: str, dest: Path, progress: bool) -> str:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from eva02.model.config import VARIANTS, Eva02Config
 from eva02.model.vit import Eva02
 from eva02.weights.convert import FORMATS, detect_format, fit_to_config, to_ours
-from eva02.weights.download import DownloadError, download
+from eva02.weights.download import LOCAL_FILE_HINT, DownloadError, cached_path, download
 from eva02.weights.zoo import ZooEntry
 
 StateDict = dict[str, torch.Tensor]
@@ -242,13 +242,25 @@ def fetch_weights(entry: ZooEntry, source: str | None = None, progress: bool = T
         if not kinds:
             raise ValueError(f"{entry.name} has no published weights; pass pretrained='FILE' (--checkpoint FILE)")
         raise ValueError(f"{entry.name} has no {source!r} weights; choose source from {kinds}")
-    errors = []
+    # A file already in the cache (downloaded before, or dropped there by hand) wins over any download.
+    sources = sorted(sources, key=lambda s: not cached_path(s).is_file())
+    errors: list[DownloadError] = []
     for s in sources:
         try:
             return download(s, progress=progress), s.fmt
         except DownloadError as e:
-            errors.append(str(e))
-    raise DownloadError(" | ".join(errors))
+            errors.append(e)
+    if len(errors) == 1:
+        raise errors[0]
+    if all(e.dest is not None for e in errors):  # every source unreachable: one offline recipe
+        tried = "; ".join(f"{e.url} ({e.reason})" for e in errors)
+        names = ", ".join(e.dest.name for e in errors)
+        raise DownloadError(
+            f"cannot download {entry.name} from any source: {tried}; if this machine is offline, fetch one of "
+            f"these files elsewhere and put it in {errors[0].dest.parent} under its name ({names}), or load a "
+            f"local file directly with {LOCAL_FILE_HINT}"
+        )
+    raise DownloadError(f"no source of {entry.name} worked: " + " | ".join(str(e) for e in errors))
 
 
 def get_model(
@@ -281,7 +293,7 @@ def get_model(
     if pretrained is False or pretrained is None:
         net = Eva02(cfg if num_classes is None else cfg.replace(num_classes=num_classes))
         return net.to(device).eval() if device is not None else net.eval()
-    if use_ema is None and entry is not None and not getattr(entry, "official_ema", True):
+    if use_ema is None and entry is not None and not entry.official_ema:
         use_ema = False  # the page reports this model's non-EMA weights; official files may hold both
     if pretrained is True:
         if entry is None:
