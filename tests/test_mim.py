@@ -351,3 +351,84 @@ def test_cosine_loss_falls_on_real_photos():
     assert end < start - 0.3, (start, end)
     assert end < baseline - 0.15, (end, baseline)  # the student reads the visible context, not only positions
     assert sum(losses[-20:]) / 20 < sum(losses[:3]) / 3 - 0.3
+
+
+# ---------------------------------------------------------------------------- through the engine
+def _write_photos(folder, n: int, size: int, seed: int) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    src = _sources()
+    for i in range(n):
+        img = src[i % len(src)]
+        top = int(torch.randint(0, img.shape[1] - size + 1, (1,), generator=g))
+        left = int(torch.randint(0, img.shape[2] - size + 1, (1,), generator=g))
+        a = (img[:, top : top + size, left : left + size].permute(1, 2, 0) * 255).round().byte().numpy()
+        Image.fromarray(a).save(folder / f"img_{i:03d}.png")
+
+
+def test_pretrain_through_engine_then_fine_tune(tmp_path):
+    """MIM run through the training loop (plain image folder, a teacher checkpoint file), exported, fine-tuned."""
+    from eva02.engine.config import DataCfg, ModelCfg, OptimCfg, RunConfig, ScheduleCfg, TrainCfg
+    from eva02.engine.runlog import read_metrics
+    from eva02.engine.tasks import ClassificationTask, build_eva02
+    from eva02.engine.tasks_mim import MimCfg, MimTask, export_backbone
+    from eva02.engine.train import Trainer
+    from eva02.weights.load import get_model, save_checkpoint
+
+    _write_photos(tmp_path / "photos" / "train", 16, 96, seed=0)
+    torch.manual_seed(5)
+    teacher_file = save_checkpoint(Eva02(TEST.replace(patch_size=8)), tmp_path / "teacher.safetensors")
+    data = dict(val_split="", workers=0, persistent_workers=False, pin_memory=False, randaug_n=0)
+    cfg = RunConfig(
+        model=ModelCfg(name="test", num_classes=0, img_size=56, drop_path=0.0, patch_grad_scale=0.1),
+        data=DataCfg(root=str(tmp_path / "photos"), batch_size=8, rrc_scale=(0.2, 1.0), **data),
+        optim=OptimCfg(lr=2e-3, layer_decay=1.0, betas=(0.9, 0.98), eps=1e-6, clip_grad=3.0, global_batch=8),
+        schedule=ScheduleCfg(epochs=4, warmup_epochs=0.5, min_lr=1e-5),
+        train=TrainCfg(log_every=1, seed=0),
+    )
+    mim = MimCfg(teacher_kind="eva02", teacher_name=str(teacher_file), teacher_pretrained="", target_dim=0)
+    task = MimTask(mim)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(cfg, tmp_path / "pre", task)
+        assert trainer.task.masks(cfg).num_masking == 7  # 105/256 of the 4x4 grid
+        teacher_before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
+        trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "pre") if r.get("kind") == "train"]
+    assert len(losses) == 8 and all(math.isfinite(v) and -1.0 <= v <= 1.0 for v in losses)
+    assert all(torch.equal(v, teacher_before[k]) for k, v in task.teacher.state_dict().items())
+
+    # The pre-trained backbone, exported, loads as a headless model and initialises a fine-tune run.
+    last = tmp_path / "pre" / "checkpoints" / "last.pt"
+    out = export_backbone(last, tmp_path / "pre_backbone.safetensors")
+    backbone = get_model(None, pretrained=out)
+    assert not backbone.is_classifier and backbone.cfg.patch_grad_scale == 0.1
+    trained = unwrap_backbone(trainer.model)
+    for k, v in trained.state_dict().items():
+        assert torch.equal(backbone.state_dict()[k], v.cpu()), k
+
+    for c in ("cat", "rocket"):
+        _write_photos(tmp_path / "cls" / "train" / c, 4, 96, seed=len(c))
+    ft = RunConfig(
+        model=ModelCfg(name="test", num_classes=2, img_size=56, init=str(out), drop_path=0.0),
+        data=DataCfg(root=str(tmp_path / "cls"), batch_size=4, **data),
+        optim=OptimCfg(lr=1e-3, layer_decay=0.9, global_batch=4),
+        schedule=ScheduleCfg(epochs=1, warmup_epochs=0.0),
+        train=TrainCfg(log_every=1, max_steps=2),
+    )
+    clf = build_eva02(ft)
+    assert torch.equal(clf.blocks[1].attn.qkv.weight, backbone.blocks[1].attn.qkv.weight)
+    Trainer(ft, tmp_path / "ft", ClassificationTask()).fit()
+    ft_losses = [r["loss"] for r in read_metrics(tmp_path / "ft") if r.get("kind") == "train"]
+    assert len(ft_losses) == 2 and all(math.isfinite(v) for v in ft_losses)
+
+
+def unwrap_backbone(model: nn.Module) -> Eva02:
+    from eva02.engine.parallel import unwrap
+
+    return unwrap(model).backbone

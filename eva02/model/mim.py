@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eva02.model.config import Eva02Config
 from eva02.model.vit import Eva02
 
 
@@ -39,6 +40,19 @@ class Eva02MIM(nn.Module):
     def target_dim(self) -> int:
         return self.lm_head.out_features
 
+    # The training engine treats the student like an Eva02: depth for lr decay, blocks to shard with
+    # FSDP2, gradient checkpointing; these forward to the backbone.
+    @property
+    def cfg(self) -> Eva02Config:
+        return self.backbone.cfg
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.backbone.blocks
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) and mask (B, N) bool -> final-norm patch tokens (B, N, D), cls dropped."""
         bb = self.backbone
@@ -56,6 +70,12 @@ class Eva02MIM(nn.Module):
         if all_patches:
             return self.lm_head(feats)
         return self.lm_head(feats[mask])  # only the masked tokens pay for the head, as upstream
+
+
+def backbone_state_dict(mim_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The headless Eva02 part of an `Eva02MIM` state dict: `backbone.` stripped, mask token and head dropped."""
+    prefix = "backbone."
+    return {k[len(prefix) :]: v for k, v in mim_state.items() if k.startswith(prefix)}
 
 
 def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,225 @@
+"""Masked-image-modelling pre-training as a task of the shared training loop (`eva02.engine.train`).
+
+Official recipe (EVA-02 `asuka/run_eva02_pretraining.py`, `engine_for_pretraining.py`): one augmented
+view (RandomResizedCrop scale (0.2, 1), flip, no RandAugment) goes to both the student and the frozen
+teacher; a block-wise mask (105 of 16x16 patches) is drawn per image; the loss is the negative cosine
+similarity between the student's predictions and the teacher's patch features at masked positions.
+Masks are sampled inside the dataset's seeded transform, so they depend only on (seed, epoch, index):
+resumable and independent of the number of workers or processes, like every other augmentation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from eva02.data.masking import BlockMaskGenerator
+from eva02.engine.config import RunConfig
+from eva02.engine.parallel import unwrap
+from eva02.engine.tasks import build_eva02, model_config
+from eva02.model.mim import Eva02MIM, cosine_loss
+from eva02.model.teacher import Eva02Teacher, FrozenTeacher, build_open_clip_teacher
+
+TEACHER_KINDS = ("open_clip", "eva02")
+
+
+@dataclass(frozen=True)
+class MimCfg:
+    """Teacher and masking of a pre-training run (official recipe: EVA01-CLIP-g/14, 105 of 256 patches)."""
+
+    teacher_kind: str = "open_clip"  # 'open_clip' (EVA-CLIP towers) or 'eva02' (our models / checkpoints)
+    teacher_name: str = "EVA01-g-14"  # open_clip model name, or an eva02 zoo name / variant
+    # open_clip: a pretrained tag or a local file; eva02: '' random, 'pretrained' zoo weights, or a file
+    teacher_pretrained: str = "laion400m_s11b_b41k"
+    teacher_amp: str = "bf16"  # teacher autocast dtype on CUDA: 'bf16', 'fp16' or 'none'
+    target_dim: int = 0  # 0: the teacher's feature width (1024 for EVA01-CLIP-g)
+    num_masking: int = 105  # patches masked per image (for the 16x16 grid; scaled for other grids)
+    min_num: int = 16
+    max_num: int = 0  # 0: no cap beyond num_masking
+    min_aspect: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.teacher_kind not in TEACHER_KINDS:
+            raise ValueError(f"mim.teacher_kind must be one of {TEACHER_KINDS}, got {self.teacher_kind!r}")
+        if self.teacher_amp not in ("bf16", "fp16", "none"):
+            raise ValueError(f"mim.teacher_amp must be bf16, fp16 or none, got {self.teacher_amp!r}")
+        if self.num_masking <= 0 or self.min_num <= 0 or self.target_dim < 0 or self.max_num < 0:
+            raise ValueError("mim.num_masking and mim.min_num must be positive, target_dim and max_num >= 0")
+
+
+class MaskedView:
+    """Dataset transform: image -> (augmented tensor, (grid*grid,) bool mask), both from the seeded RNG."""
+
+    def __init__(self, transform: Any, masks: BlockMaskGenerator) -> None:
+        self.transform = transform
+        self.masks = masks
+
+    def __call__(self, img: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.transform(img)
+        # The dataset seeds torch per (seed, epoch, index) around this call; the mask draws from that.
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
+        return x, torch.from_numpy(self.masks(rng).reshape(-1))
+
+
+def plain_folder(root: str | os.PathLike) -> list[tuple[str, int]]:
+    """Every image below `root` (sorted, hidden files skipped) with label 0: pre-training needs no labels."""
+    from eva02.data.images import iter_image_paths
+
+    return [(str(p), 0) for p in iter_image_paths(root)]
+
+
+def build_mim_dataset(cfg: RunConfig, transform: Any):
+    """The train images: a list file, class folders, or a plain folder of images (labels unused)."""
+    from eva02.data.datasets import ImageDataset, build_dataset
+
+    d = cfg.data
+    folder = Path(d.root) / d.train_split
+    auto_list = Path(d.root) / "meta" / f"{d.train_split}.txt"
+    has_classes = folder.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+    if d.train_list or auto_list.is_file() or has_classes:
+        ds = build_dataset(d.root, d.train_split, d.train_list, "", transform)
+    else:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"dataset folder {str(folder)!r} does not exist; set data.root / data.train_split")
+        ds = ImageDataset(plain_folder(folder), ["image"], transform)
+    if not ds.samples:
+        raise ValueError(f"no images found under {str(folder)!r}; pre-training takes any folder of images")
+    return ds
+
+
+def collate_masked(items: list) -> dict[str, Any]:
+    """Stack (image, mask) samples; unreadable ones are listed under 'bad' for the loop to report."""
+    from eva02.data.datasets import BadSample
+
+    good = [it for it in items if not isinstance(it, BadSample)]
+    bad = [(it.path, it.reason) for it in items if isinstance(it, BadSample)]
+    if not good:
+        return {"images": None, "mask": None, "index": None, "bad": bad}
+    views, _, index = zip(*good, strict=True)
+    return {
+        "images": torch.stack([v[0] for v in views]),
+        "mask": torch.stack([v[1] for v in views]),
+        "index": torch.as_tensor(index, dtype=torch.long),
+        "bad": bad,
+    }
+
+
+def build_teacher(m: MimCfg) -> FrozenTeacher:
+    """The frozen teacher of a run: an open_clip EVA-CLIP tower, or one of our models / checkpoints."""
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[m.teacher_amp]
+    if m.teacher_kind == "open_clip":
+        return build_open_clip_teacher(m.teacher_name, m.teacher_pretrained, amp)
+    from eva02.weights.load import get_model
+
+    p = m.teacher_pretrained
+    if p and p != "pretrained" and not Path(p).is_file():
+        raise FileNotFoundError(f"mim.teacher_pretrained {p!r}: no such file; give a checkpoint path or 'pretrained'")
+    if Path(m.teacher_name).is_file():  # one of our checkpoints, architecture from its metadata
+        model = get_model(None, pretrained=m.teacher_name)
+    else:
+        model = get_model(m.teacher_name, pretrained=(True if p == "pretrained" else p) if p else False)
+    return Eva02Teacher(model, amp_dtype=amp)
+
+
+class MimTask:
+    """EVA-02 pre-training: `Eva02MIM` student, frozen teacher, masked cosine loss."""
+
+    def __init__(self, mim: MimCfg | None = None) -> None:
+        self.mim = mim
+        self.teacher: FrozenTeacher | None = None
+        self.patch_size = 0
+
+    def settings(self, cfg: RunConfig) -> MimCfg:
+        """The run's MIM settings: the config's `mim` section when it has one, else this task's."""
+        return getattr(cfg, "mim", None) or self.mim or MimCfg()
+
+    def masks(self, cfg: RunConfig) -> BlockMaskGenerator:
+        m = self.settings(cfg)
+        c = model_config(cfg)
+        n = c.grid * c.grid
+        # The recipe's numbers are for 16x16 patches; other grids keep the masked fraction and block share.
+        scale = n / 256
+        num = max(1, round(m.num_masking * scale)) if n != 256 else m.num_masking
+        min_num = max(1, min(num, round(m.min_num * scale))) if n != 256 else m.min_num
+        max_num = m.max_num or None
+        return BlockMaskGenerator((c.grid, c.grid), num, min_num, max_num, m.min_aspect)
+
+    def get_teacher(self, cfg: RunConfig) -> FrozenTeacher:
+        if self.teacher is None:
+            self.teacher = build_teacher(self.settings(cfg))
+        return self.teacher
+
+    def build_model(self, cfg: RunConfig, load_init: bool = True) -> nn.Module:
+        if cfg.model.num_classes != 0:
+            raise ValueError("pre-training trains a headless backbone: set model.num_classes=0")
+        m = self.settings(cfg)
+        target_dim = m.target_dim or self.get_teacher(cfg).out_dim
+        if m.target_dim and m.target_dim != self.get_teacher(cfg).out_dim:
+            raise ValueError(
+                f"mim.target_dim={m.target_dim} differs from the teacher's width {self.teacher.out_dim}; set it to 0"
+            )
+        mim = Eva02MIM(build_eva02(cfg, load_init=False), target_dim)  # the official JAX-style init
+        if load_init and cfg.model.init:  # continue from a checkpoint: backbone weights replace the init
+            mim.backbone.load_state_dict(build_eva02(cfg, load_init=True).state_dict())
+        self.patch_size = mim.cfg.patch_size
+        return mim
+
+    def export_model(self, model: nn.Module) -> nn.Module:
+        """What the run's final weights hold: the headless backbone, the init of every fine-tune config."""
+        return unwrap(model).backbone
+
+    def build_datasets(self, cfg: RunConfig):
+        from eva02.data.train_transforms import train_transform
+
+        d = cfg.data
+        tt = train_transform(
+            cfg.model.img_size, d.mean, d.std, d.rrc_scale, d.rrc_ratio, d.hflip,
+            d.randaug_n, d.randaug_m, d.randaug_mstd, d.reprob, d.interpolation,
+        )  # fmt: skip
+        return build_mim_dataset(cfg, MaskedView(tt, self.masks(cfg))), None
+
+    def collate(self, items: list) -> dict[str, Any]:
+        return collate_masked(items)
+
+    def forward_loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        images, mask = batch["images"], batch["mask"]
+        teacher = self.teacher
+        if next(teacher.parameters()).device != images.device:
+            teacher.to(images.device)
+        p = self.patch_size
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        target = teacher(images, grid)  # (B, N, T) fp32, no grad
+        pred = model(images, mask)  # (M, T) at masked positions only
+        return cosine_loss(pred, target[mask]), {}
+
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device, amp: torch.dtype | None) -> dict:
+        return {}  # pre-training has no validation metric; the training loss is the signal
+
+
+def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, use_ema: bool = False) -> Path:
+    """Write the headless backbone of a pre-training checkpoint (`checkpoints/*.pt`) in our safetensors format.
+
+    The result loads with `get_model(None, pretrained=out)` and serves as `model.init` of fine-tune configs.
+    """
+    from eva02.engine import checkpoint as ckpt
+    from eva02.engine.config import RunConfig
+    from eva02.model import Eva02
+    from eva02.model.mim import backbone_state_dict
+    from eva02.weights.load import save_checkpoint
+
+    state = ckpt.load(checkpoint)
+    cfg = RunConfig.from_dict(state["config"])
+    weights = state["ema"] if use_ema else state["model"]
+    if weights is None:
+        raise ValueError(f"{checkpoint} holds no EMA weights; export without use_ema")
+    if not any(k.startswith("backbone.") for k in weights):
+        raise ValueError(f"{checkpoint} is not a pre-training checkpoint (no backbone.* weights)")
+    backbone = Eva02(model_config(cfg))
+    backbone.load_state_dict(backbone_state_dict(weights), strict=True)
+    return save_checkpoint(backbone, out)
