@@ -77,6 +77,10 @@ def test_ema_selection(tmp_path) -> None:
     for use_ema, want in ((None, ema), (True, ema), (False, plain)):
         got = load_checkpoint(Eva02(cfg).eval(), path, use_ema=use_ema)
         assert torch.equal(outputs(got), outputs(want))
+    with pytest.raises(ValueError, match="holds only EMA weights"):
+        read_checkpoint(write({"model_ema": official_state(ema)}, tmp_path / "ema.pt"), use_ema=False)
+    plain_first = read_checkpoint(tmp_path / "c.pth", prefer_ema=False)
+    assert torch.equal(plain_first["cls_token"], plain.cls_token) and not torch.equal(plain.cls_token, ema.cls_token)
     flat = write(official_state(plain), tmp_path / "flat.pt")
     with pytest.raises(ValueError, match="no EMA weights"):
         read_checkpoint(flat, use_ema=True)

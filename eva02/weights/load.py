@@ -71,21 +71,27 @@ def _torch_load(path: Path):
         raise ValueError(f"cannot read {path}: not a valid torch checkpoint ({str(e).splitlines()[0]})") from e
 
 
-def unwrap_state_dict(obj: object, use_ema: bool | None = None, where: str = "checkpoint") -> StateDict:
+def unwrap_state_dict(
+    obj: object, use_ema: bool | None = None, where: str = "checkpoint", prefer_ema: bool = True
+) -> StateDict:
     """Find the flat {name: tensor} weights inside a loaded checkpoint object.
 
-    use_ema: None prefers `model_ema` where present, True requires it, False never takes it.
+    use_ema: None takes `model_ema` or the plain weights, whichever `prefer_ema` says, if both are
+    present; True requires the EMA weights, False the plain ones.
     """
     took_ema = False
     for _ in range(4):  # containers nest a level or two at most ({'state_dict': {...}})
         if not isinstance(obj, dict) or all(isinstance(v, torch.Tensor) for v in obj.values()):
             break
-        ema = [k for k in EMA_KEYS if isinstance(obj.get(k), dict)] if use_ema is not False else []
+        ema = [k for k in EMA_KEYS if isinstance(obj.get(k), dict)]
         plain = [k for k in PLAIN_KEYS if isinstance(obj.get(k), dict)]
-        if not ema + plain:
+        if use_ema is False and ema and not plain:
+            raise ValueError(f"{where} holds only EMA weights ('model_ema'); use --ema / use_ema=True")
+        order = plain if use_ema is False else ema + plain if use_ema or prefer_ema else plain + ema
+        if not order:
             break
-        took_ema = took_ema or bool(ema)
-        obj = obj[(ema + plain)[0]]
+        took_ema = took_ema or order[0] in EMA_KEYS
+        obj = obj[order[0]]
     if use_ema and not took_ema:
         raise ValueError(f"{where} has no EMA weights (no 'model_ema' entry); leave out --ema / use_ema=True")
     if not isinstance(obj, dict) or not obj:
@@ -98,7 +104,7 @@ def unwrap_state_dict(obj: object, use_ema: bool | None = None, where: str = "ch
     return dict(obj)
 
 
-def read_checkpoint(path: PathLike, use_ema: bool | None = None) -> StateDict:
+def read_checkpoint(path: PathLike, use_ema: bool | None = None, prefer_ema: bool = True) -> StateDict:
     """Read .safetensors / .pt / .pth / .bin weights safely and unwrap their container into a flat dict."""
     path = Path(path)
     if not path.is_file():
@@ -108,7 +114,7 @@ def read_checkpoint(path: PathLike, use_ema: bool | None = None) -> StateDict:
             return load_file(str(path))
         except SafetensorError as e:
             raise ValueError(f"cannot read {path}: not a valid safetensors file ({e})") from e
-    return unwrap_state_dict(_torch_load(path), use_ema, where=str(path))
+    return unwrap_state_dict(_torch_load(path), use_ema, where=str(path), prefer_ema=prefer_ema)
 
 
 # ---------------------------------------------------------------------------------- our own format
@@ -154,11 +160,13 @@ def load_model(path: PathLike, device: str | torch.device | None = None) -> Eva0
 
 
 # ----------------------------------------------------------------------------------------- loading
-def _read_ours(path_or_sd: PathLike | StateDict, fmt: str, cfg: Eva02Config, use_ema, mim) -> StateDict:
+def _read_ours(
+    path_or_sd: PathLike | StateDict, fmt: str, cfg: Eva02Config, use_ema, mim, prefer_ema: bool = True
+) -> StateDict:
     if isinstance(path_or_sd, dict):
         sd = path_or_sd
     else:
-        sd = read_checkpoint(path_or_sd, use_ema)
+        sd = read_checkpoint(path_or_sd, use_ema, prefer_ema)
         if fmt == "auto" and read_metadata(path_or_sd).get("format") == "eva02":
             fmt = "eva02"
     if fmt == "auto":
@@ -293,15 +301,14 @@ def get_model(
     if pretrained is False or pretrained is None:
         net = Eva02(cfg if num_classes is None else cfg.replace(num_classes=num_classes))
         return net.to(device).eval() if device is not None else net.eval()
-    if use_ema is None and entry is not None and not entry.official_ema:
-        use_ema = False  # the page reports this model's non-EMA weights; official files may hold both
     if pretrained is True:
         if entry is None:
             raise ValueError("pretrained=True needs a zoo model name; for a config pass pretrained='FILE'")
         path, fmt = fetch_weights(entry, source)
     else:
         path = Path(pretrained)
-    sd = _read_ours(path, fmt, cfg, use_ema, None)
+    # Official files may hold both weight sets: by default take the ones the official README reports.
+    sd = _read_ours(path, fmt, cfg, use_ema, None, prefer_ema=entry.official_ema if entry is not None else True)
     have = num_classes_of(sd)
     net = Eva02(cfg.replace(num_classes=have))
     _load_strict(net, fit_to_config(sd, net.cfg))
