@@ -94,3 +94,35 @@ def test_other_grid_and_aspect_range():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BlockMaskGenerator(**kwargs)
+
+
+def test_mask_demo_command(tmp_path, capsys):
+    from PIL import Image
+
+    from eva02.cli import main
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(src)
+    out = tmp_path / "sub" / "mask.png"
+    assert main(["mask-demo", str(src), "--out", str(out), "--seed", "3", "--scale", "1"]) == 0
+    assert "masked 105/256 patches" in capsys.readouterr().out
+    pic = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert pic.shape == (224, 2 * 224 + 8, 3)
+    left, right = pic[:, :224], pic[:, 232:]
+    mask = BlockMaskGenerator(seed=3)()
+    for i in range(16):
+        for j in range(16):
+            a = left[i * 14 : (i + 1) * 14, j * 14 : (j + 1) * 14]
+            b = right[i * 14 : (i + 1) * 14, j * 14 : (j + 1) * 14]
+            if mask[i, j]:
+                assert np.abs(b[2:-2, 2:-2] - 128).max() <= 0.2 * 255 + 1  # greyed out
+            else:
+                assert np.array_equal(a, b)  # untouched
+    # bad input: one clear line, exit code 2, nothing written
+    bad = tmp_path / "bad.png"
+    assert main(["mask-demo", str(src), "--out", str(bad), "--img-size", "100"]) == 2
+    assert main(["mask-demo", str(tmp_path / "missing.jpg"), "--out", str(bad)]) == 2
+    assert not bad.exists()
+    err = capsys.readouterr().err
+    assert "--img-size 100 must be a positive multiple" in err and "missing.jpg" in err

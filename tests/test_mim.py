@@ -432,3 +432,32 @@ def unwrap_backbone(model: nn.Module) -> Eva02:
     from eva02.engine.parallel import unwrap
 
     return unwrap(model).backbone
+
+
+@pytest.mark.parametrize(
+    "size, lr, batch, epochs, drop_path",
+    [("tiny", 3e-3, 4000, 240, 0.0), ("small", 3e-3, 4000, 240, 0.0), ("base", 1.5e-3, 2048, 150, 0.0),
+     ("large", 1.5e-3, 2048, 150, 0.1)],
+)  # fmt: skip
+def test_pretrain_configs_follow_the_official_recipe(size, lr, batch, epochs, drop_path):
+    import runpy
+    from pathlib import Path
+
+    from eva02.engine.tasks_mim import MimTask
+
+    path = Path(__file__).parents[1] / "configs" / "eva02" / f"eva02_{size}_p14_mim_in21k.py"
+    ns = runpy.run_path(str(path))
+    c, task = ns["config"], ns["task"]
+    assert isinstance(task, MimTask)
+    assert (c.model.name, c.model.num_classes, c.model.img_size, c.model.drop_path) == (size, 0, 224, drop_path)
+    assert c.model.patch_grad_scale == 0.1
+    o, s = c.optim, c.schedule
+    assert (o.lr, o.global_batch, o.betas, o.eps, o.weight_decay, o.clip_grad, o.layer_decay) == (
+        lr, batch, (0.9, 0.98), 1e-6, 0.05, 3.0, 1.0
+    )  # fmt: skip
+    assert (s.epochs, s.warmup_epochs, s.min_lr) == (epochs, 1.0, 1e-5)
+    assert c.data.rrc_scale == (0.2, 1.0) and c.data.randaug_n == 0 and c.data.mixup == 0 and c.data.val_split == ""
+    m = task.settings(c)
+    assert (m.teacher_kind, m.teacher_name) == ("open_clip", "EVA01-g-14")
+    gen = task.masks(c)
+    assert (gen.height, gen.num_masking, gen.min_num, gen.max_num) == (16, 105, 16, 105)
