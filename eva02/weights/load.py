@@ -318,10 +318,7 @@ def get_model(
                 f"num_classes=0 asks for a headless model but {path} is a {have}-class classifier; for its "
                 "features use model.forward_head(x, pre_logits=True) or model.extract_feat(x)"
             )
-        warnings.warn(
-            f"replacing the checkpoint's {have or 'missing'}-class head by a new {num_classes}-class head "
-            "(randomly initialised, to be fine-tuned)",
-            stacklevel=2,
-        )
+        old = f"replacing the checkpoint's {have}-class head by" if have else "adding to the headless checkpoint"
+        warnings.warn(f"{old} a new {num_classes}-class head (randomly initialised, to be fine-tuned)", stacklevel=2)
         net.reset_classifier(num_classes)
     return net.to(device).eval() if device is not None else net.eval()
