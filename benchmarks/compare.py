@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch", type=int, default=None, help="one batch size for every size (default: per size)")
     p.add_argument(
         "--compile-sizes",
         nargs="*",
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
             [name], impls, args.rounds, args.warmup, compile=name in compile_sizes, train=not args.no_train,
             memory=not args.no_memory, grad_ckpt=name in args.ckpt_sizes, device=args.device, dtype=args.dtype,
             threads=args.threads, extra_path=[args.mmp_site] if "mmpretrain" in impls else [],
-            log=lambda s: print(s, file=sys.stderr, flush=True),
+            log=lambda s: print(s, file=sys.stderr, flush=True), batch=args.batch,
         )  # fmt: skip
         if not report:
             report = part

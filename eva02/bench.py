@@ -158,16 +158,31 @@ def _sync(device: torch.device) -> None:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, device: torch.device | None = None
+    fns: dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    device: torch.device | None = None,
+    errors: dict[str, str] | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each function, one call each per round, the order rotating every round."""
+    """Seconds per call of each function, one call each per round, the order rotating every round.
+
+    With `errors` given, a function that raises during warm-up is left out and its error recorded
+    there, so one broken implementation does not lose the others' numbers.
+    """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     device = device or torch.device("cpu")
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
+    names = []
+    for name in fns:
+        try:
+            for _ in range(warmup):
+                fns[name]()
+        except Exception as e:
+            if errors is None or warmup < 1:
+                raise
+            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            continue
+        names.append(name)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
@@ -179,8 +194,9 @@ def time_interleaved(
     return times
 
 
-def matmul_flops_per_s(n: int = 2048, repeats: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def matmul_flops_per_s(n: int | None = None, repeats: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """FLOP/s of a plain n x n x n matmul (median of `repeats`): the machine's practical peak."""
+    n = n or (8192 if str(device).startswith("cuda") else 2048)  # big enough to reach the peak
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     t = time_interleaved({"mm": lambda: torch.mm(a, b)}, repeats, warmup=2, device=torch.device(device))["mm"]
@@ -244,10 +260,11 @@ def _bench_infer(models, x, rounds, warmup, compile, dtype, dev) -> dict:
         fns[impl] = _infer_fn(m, xi)
         if compile:
             fns[impl + "+compile"] = _infer_fn(torch.compile(m), xi)
-    times = time_interleaved(fns, rounds, warmup=max(warmup, 2 if compile else warmup), device=dev)
+    errors: dict[str, str] = {}
+    times = time_interleaved(fns, rounds, max(warmup, 2 if compile else 1), dev, errors)
     for m in models.values():
         m.float()
-    return {k: _summary(v, x.shape[0]) for k, v in times.items()}
+    return {**{k: _summary(v, x.shape[0]) for k, v in times.items()}, **{k: {"error": e} for k, e in errors.items()}}
 
 
 def _infer_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -264,8 +281,9 @@ def _bench_train(models, x, y, rounds, warmup, amp, dev) -> dict:
         m.train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
         fns[impl] = lambda m=m, opt=opt: _train_step(m, opt, x, y, amp)
-    times = time_interleaved(fns, rounds, warmup=max(warmup, 1), device=dev)
-    return {k: _summary(v, x.shape[0]) for k, v in times.items()}
+    errors: dict[str, str] = {}
+    times = time_interleaved(fns, rounds, max(warmup, 1), dev, errors)
+    return {**{k: _summary(v, x.shape[0]) for k, v in times.items()}, **{k: {"error": e} for k, e in errors.items()}}
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -398,12 +416,15 @@ def add_derived(result: dict, peak_flops: float) -> dict:
     flop = result["gflop_per_img"] * 1e9
     for mode, factor in (("infer", 1.0), ("train", 3.0)):  # training = forward + 2x forward for backward
         entries = result.get(mode, {})
-        base = entries.get("timm")
+        base = entries.get("timm", {}) if "img_s" in entries.get("timm", {}) else None
         for name, e in entries.items():
+            if "img_s" not in e:
+                continue
             e["peak_fraction"] = e["img_s"] * flop * factor / peak_flops
             if base and name != "timm":
                 e["x_timm"] = e["img_s"] / base["img_s"]
     mem = result.get("memory", {})
+    mem = {k: v for k, v in mem.items() if "peak_mib" in v}
     for name, e in mem.items():
         impl, _, tag = name.partition("+")
         ref = mem.get("timm+" + tag if tag else "timm")
@@ -428,6 +449,7 @@ def run_benchmark(
     threads: int | None = None,
     extra_path: Sequence[str] = (),
     log: Callable[[str], None] | None = None,
+    batch: int | None = None,
 ) -> dict:
     """The whole side-by-side run: machine, matmul peak, and per size timings, memory and ratios."""
     for name in sizes:
@@ -444,29 +466,32 @@ def run_benchmark(
         size = get_size(name)
         if log:
             log(f"{name}: timing {', '.join(impls)}")
-        res = bench_size(size, impls, rounds, warmup, compile, train, device, dtype)
+        res = bench_size(size, impls, rounds, warmup, compile, train, device, dtype, batch)
         if memory:
             if log:
                 log(f"{name}: memory")
-            res["memory"] = _memory_all(size, impls, grad_ckpt, device, dtype, extra_path)
+            res["memory"] = _memory_all(size, impls, grad_ckpt, device, dtype, extra_path, batch or size.batch)
         report["results"][name] = add_derived(res, peak)
     return report
 
 
-def _memory_all(size: BenchSize, impls, grad_ckpt: bool, device: str, dtype: str, extra_path) -> dict:
+def _memory_all(size: BenchSize, impls, grad_ckpt: bool, device: str, dtype: str, extra_path, batch: int) -> dict:
     runs = [(impl, False) for impl in impls]
     runs += [(impl, True) for impl in impls if grad_ckpt and impl != "mmpretrain"]  # mmpretrain has no ckpt
     out = {}
     for impl, ckpt in runs:
         key = impl + ("+ckpt" if ckpt else "")
-        if device == "cpu":
-            out[key] = measure_memory(impl, size, True, ckpt, extra_path=extra_path)
-            continue
-        model = build_model(impl, size.config()).to(device).train()
-        if ckpt:
-            model.set_grad_checkpointing(True)
-        x = torch.randn(size.batch, 3, size.img_size, size.img_size, device=device)
-        y = torch.randint(0, 1000, (size.batch,), device=device)
-        out[key] = measure_memory_cuda(model, x, y, None if dtype == "fp32" else DTYPES[dtype])
-        del model
+        try:
+            if device == "cpu":
+                out[key] = measure_memory(impl, size, True, ckpt, batch, extra_path=extra_path)
+                continue
+            model = build_model(impl, size.config()).to(device).train()
+            if ckpt:
+                model.set_grad_checkpointing(True)
+            x = torch.randn(batch, 3, size.img_size, size.img_size, device=device)
+            y = torch.randint(0, 1000, (batch,), device=device)
+            out[key] = measure_memory_cuda(model, x, y, None if dtype == "fp32" else DTYPES[dtype])
+            del model
+        except Exception as e:  # keep the other measurements; the report names what failed
+            out[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     return out

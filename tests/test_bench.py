@@ -29,6 +29,18 @@ def test_time_interleaved_rotates_order_and_counts_rounds():
         bench.time_interleaved(fns, rounds=0)
 
 
+def test_time_interleaved_records_a_failing_function_and_keeps_the_rest():
+    def broken():
+        raise RuntimeError("no kernel for this dtype\nsecond line")
+
+    errors: dict[str, str] = {}
+    times = bench.time_interleaved({"ok": lambda: None, "bad": broken}, rounds=2, warmup=1, errors=errors)
+    assert list(times) == ["ok"] and len(times["ok"]) == 2
+    assert errors == {"bad": "RuntimeError: no kernel for this dtype"}
+    with pytest.raises(RuntimeError):
+        bench.time_interleaved({"bad": broken}, rounds=1)
+
+
 def test_forward_flops_matches_flop_counter_plus_attention():
     cfg = bench.SIZES["test-56"].config()
     with FlopCounterMode(display=False) as fc, torch.no_grad():

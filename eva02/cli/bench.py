@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per implementation (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before the rounds")
+    p.add_argument("--batch", type=int, default=None, help="batch size for every size (default: per size)")
     p.add_argument("--compile", action="store_true", help="also time each implementation under torch.compile")
     p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW)")
     p.add_argument("--memory", action="store_true", help="also measure training-step memory (subprocess each)")
@@ -46,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
     for name in args.models:
         if name not in bench.SIZES:
             raise CliError(f"unknown size {name!r} in --models; choose from {', '.join(bench.SIZES)}")
-    if args.rounds < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
-        raise CliError("--rounds and --threads must be >= 1 and --warmup >= 0")
+    if args.rounds < 1 or args.warmup < 0 or any(v is not None and v < 1 for v in (args.threads, args.batch)):
+        raise CliError("--rounds, --threads and --batch must be >= 1 and --warmup >= 0")
     if args.device.startswith("cuda"):
         import torch
 
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         report = bench.run_benchmark(
             args.models, args.impls, args.rounds, args.warmup, args.compile, args.train, args.memory,
             args.grad_ckpt, args.device, args.dtype, args.threads, extra,
-            log=lambda s: print(s, file=sys.stderr, flush=True),
+            log=lambda s: print(s, file=sys.stderr, flush=True), batch=args.batch,
         )  # fmt: skip
     except ImportError as e:
         raise CliError(str(e)) from e
@@ -94,7 +95,10 @@ def format_table(report: dict) -> str:
     for name, res in report["results"].items():
         train = res.get("train", {})
         for impl, e in res["infer"].items():
-            t = train.get(impl)
+            if "img_s" not in e:
+                lines.append(f"| {name} | {res['batch']} | {impl} | error: {e.get('error', '?')} | | | | | |")
+                continue
+            t = train.get(impl) if "img_s" in train.get(impl, {}) else None
             cells = [
                 name,
                 str(res["batch"]),
@@ -115,6 +119,9 @@ def format_table(report: dict) -> str:
             "|---|---|---|---|---|",
         ]
         for name, impl, e in mem_rows:
+            if "peak_mib" not in e:
+                lines.append(f"| {name} | {impl} | error: {e.get('error', '?')} | | |")
+                continue
             act = f"{e['activations_mib']:.0f}" if "activations_mib" in e else ""
             ratio = f"{e['x_timm_peak']:.2f}" if "x_timm_peak" in e else ""
             lines.append(f"| {name} | {impl} | {e['peak_mib']:.0f} | {act} | {ratio} |")
