@@ -12,7 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eva02.model.rope import apply_rope
+from eva02.model.rope import apply_rope, rope_complex, rotate_pairs_
+
+
+def traced() -> bool:
+    """True under torch.compile / torch.export / jit tracing, where in-place and complex tricks do not pay."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 class PatchEmbed(nn.Module):
@@ -46,12 +51,21 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, T, D = x.shape
         bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias)  # (B, T, 3D)
-        qkv = qkv.view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, T, hd)
-        qk, v = qkv[:2], qkv[2]
-        if rope is not None:
-            qk = apply_rope(qk, *rope)  # q and k rotated together
-        x = F.scaled_dot_product_attention(qk[0], qk[1], v)  # (B, h, T, hd)
+        qkv = F.linear(x, self.qkv.weight, bias).view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, h, hd)
+        if rope is None:
+            q, k = qkv[:, :, 0], qkv[:, :, 1]
+        elif traced():
+            # Real arithmetic for compilers and exporters (no complex dtype); the compiler fuses it.
+            cos, sin = (t[:, None, None, :] for t in rope)  # (T, 1, 1, hd)
+            q, k = apply_rope(qkv[:, :, :2], cos, sin).unbind(2)  # (B, T, h, hd) each
+        else:
+            # Eager: rotate q and k where they lie in the qkv output, one pass and no copies. Autograd
+            # allows it: the linear does not save its output, and the rotation's backward needs only `rot`.
+            rotate_pairs_(qkv[:, :, :2], rope_complex(*rope)[:, None, None, :])
+            q, k = qkv[:, :, 0], qkv[:, :, 1]
+        # SDPA reads the (B, h, T, hd) views through their strides, so the heads are never permuted into
+        # a copy; its output is laid out (B, T, h, hd), so the merge of heads below is a view.
+        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2))
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
@@ -65,8 +79,12 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.w12(x).chunk(2, dim=-1)
-        return self.w3(self.norm(F.silu(gate) * value))
+        gate, value = self.w12(x).chunk(2, dim=-1)  # (B, T, H) views of one (B, T, 2H) output
+        if gate.requires_grad or traced():
+            h = F.silu(gate) * value
+        else:  # no autograd: gate in place inside w12's output, saving two (B, T, H) allocations
+            h = F.silu(gate, inplace=True).mul_(value)
+        return self.w3(self.norm(h))
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -89,5 +107,7 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.norm1(x), rope), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        # The residual sum lands in the branch output (fresh, and saved by no backward) rather than in a
+        # new tensor; x itself is never modified, so callers may keep it.
+        x = drop_path(self.attn(self.norm1(x), rope), self.drop_path, self.training).add_(x)
+        return drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training).add_(x)

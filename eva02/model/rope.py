@@ -67,6 +67,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + swap_pairs(x) * sin).to(x.dtype)
 
 
+def rope_complex(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The tables of `rope_tables` as unit complex numbers (T, hd/2): cos t + i sin t, one per channel pair."""
+    return torch.complex(cos[..., 0::2], sin[..., 1::2])  # the odd columns of `sin` carry +sin t
+
+
+def rotate_pairs_(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., hd) in place by `rot` (broadcastable to (..., hd/2)) from `rope_complex`; returns x.
+
+    Each interleaved pair (a, b) is the complex number a + ib, so the pair rotation of `apply_rope` is one
+    complex product: no temporaries, one pass over x, and x may be a strided view (e.g. the q and k
+    columns of a fused qkv output). The class token's entry 1 + 0i leaves it unchanged bit for bit.
+    """
+    torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rot)
+    return x
+
+
 def rotate_half_reference(x: torch.Tensor) -> torch.Tensor:
     """The official pairwise rotate_half, kept for tests: (a, b) -> (-b, a) per interleaved pair."""
     a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
