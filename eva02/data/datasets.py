@@ -1,0 +1,222 @@
+"""Classification datasets: ImageNet-style class folders and list files, with corrupt images skipped.
+
+- Folders: `root/<class>/<image>`; classes are the sorted folder names (label = position).
+- List files (mmpretrain's `meta/train.txt`): one `relative/path label` per line, paths relative to a
+  data prefix; class names from a names file (one per line) or `class_<i>`.
+A sample that fails to load comes back as a `BadSample` and is dropped by `collate`; the loop counts
+them, names them in a warning, and stops when more than the configured fraction is bad.
+Samplers yield `(index, seed)` keys so that augmentation is a function of (seed, epoch, index) only:
+independent of the number of workers or processes, and identical after a resume.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from eva02.data.images import IMAGE_EXTENSIONS, ImageError, load_image
+
+
+@dataclass(frozen=True)
+class BadSample:
+    path: str
+    reason: str
+
+
+def scan_folders(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, label) pairs and class names from `root/<class>/**/<image>`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder {str(root)!r} does not exist; set data.root / data.*_split")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    samples = []
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, files in os.walk(root / name, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in sorted(files):
+                if Path(f).suffix.lower() in IMAGE_EXTENSIONS and not f.startswith("."):
+                    samples.append((os.path.join(dirpath, f), label))
+    return samples, classes
+
+
+def read_list(list_file: str | os.PathLike, prefix: str | os.PathLike) -> list[tuple[str, int]]:
+    """Parse `relative/path label` lines (blank lines and '#' comments skipped); paths join `prefix`."""
+    samples = []
+    lf = Path(list_file)
+    if not lf.is_file():
+        raise FileNotFoundError(f"list file {str(lf)!r} does not exist; set data.train_list / data.val_list")
+    for n, line in enumerate(lf.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path, _, label = line.rpartition(" ")
+        if not path or not label.lstrip("-").isdigit():
+            raise ValueError(f"{lf}:{n}: expected 'relative/path label', got {line!r}")
+        samples.append((os.path.join(prefix, path.strip()), int(label)))
+    return samples
+
+
+def read_names(path: str | os.PathLike) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"class names file {str(p)!r} does not exist; set data.class_names")
+    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+
+
+class ImageDataset(Dataset):
+    """(path, label) samples -> (image tensor, label, index), or BadSample when the image is unusable."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], transform: Callable) -> None:
+        self.samples = list(samples)
+        self.classes = list(classes)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        path, label = self.samples[index]
+        try:
+            img = load_image(path)
+        except (ImageError, OSError) as e:
+            return BadSample(path, str(e))
+        if seed is None:
+            return self.transform(img), label, index
+        # Seed the augmentation from the key without disturbing the caller's random streams.
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            out = self.transform(img)
+        random.setstate(py_state)
+        return out, label, index
+
+    def check(self, num_classes: int, what: str) -> None:
+        """Errors before training starts: empty dataset, labels outside [0, num_classes), missing files."""
+        if not self.samples:
+            raise ValueError(
+                f"the {what} dataset is empty: no images found; expected class folders (root/<class>/<image>) "
+                "or a list file of 'relative/path label' lines"
+            )
+        labels = [lab for _, lab in self.samples]
+        lo, hi = min(labels), max(labels)
+        if lo < 0 or hi >= num_classes:
+            bad = next(p for p, lab in self.samples if lab < 0 or lab >= num_classes)
+            raise ValueError(
+                f"the {what} dataset has label {hi if hi >= num_classes else lo} (e.g. for {bad!r}) outside "
+                f"[0, {num_classes}); fix the list file or set model.num_classes"
+            )
+        missing = [p for p, _ in self.samples if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(
+                f"the {what} dataset lists {len(missing)} missing file(s), e.g. {missing[0]!r}; "
+                "check the data prefix (data.root / data.*_split)"
+            )
+
+
+def build_dataset(root: str, split: str, list_file: str, names_file: str, transform: Callable) -> ImageDataset:
+    """mmpretrain layout: list file (given, or `{root}/meta/{split}.txt` if present) else class folders."""
+    prefix = os.path.join(root, split)
+    auto_list = os.path.join(root, "meta", f"{split}.txt")
+    lf = list_file or (auto_list if os.path.isfile(auto_list) else "")
+    if lf:
+        samples = read_list(lf, prefix)
+        n = max((lab for _, lab in samples), default=-1) + 1
+        classes = read_names(names_file) if names_file else [f"class_{i}" for i in range(n)]
+    else:
+        samples, classes = scan_folders(prefix)
+        if names_file:
+            names = read_names(names_file)
+            if len(names) != len(classes):
+                raise ValueError(f"{names_file!r} has {len(names)} names but {prefix!r} has {len(classes)} folders")
+            classes = names
+    return ImageDataset(samples, classes, transform)
+
+
+def collate(items: list) -> dict:
+    """Stack good samples; failures are listed under 'bad' as (path, reason) for the loop to report."""
+    good = [it for it in items if not isinstance(it, BadSample)]
+    bad = [(it.path, it.reason) for it in items if isinstance(it, BadSample)]
+    if not good:
+        return {"images": None, "targets": None, "index": None, "bad": bad}
+    imgs, targets, index = zip(*good, strict=True)
+    return {
+        "images": torch.stack(imgs),
+        "targets": torch.as_tensor(targets, dtype=torch.long),
+        "index": torch.as_tensor(index, dtype=torch.long),
+        "bad": bad,
+    }
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    # Distinct, reproducible stream per (run seed, epoch, sample); large odd multipliers avoid overlaps.
+    return (seed * 1_000_003 + epoch * 7_919_999 + index * 2_654_435_761) % (2**63 - 1)
+
+
+class TrainSampler(Sampler):
+    """Epoch-seeded shuffle shared by all ranks, cut to whole global batches, dealt out rank by rank.
+
+    Rank r gets positions r, r + world, ... of the permutation (as DistributedSampler), so global batch g
+    is always the same set of samples, perm[g*G:(g+1)*G], for any world size and accumulation.
+    `start_step` skips the global batches already trained in this epoch (resume mid-epoch).
+    """
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def steps_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch() - self.start_step) * self.global_batch // self.world
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        perm = perm[self.start_step * self.global_batch : self.steps_per_epoch() * self.global_batch]
+        for i in perm[self.rank :: self.world]:
+            yield i, sample_seed(self.seed, self.epoch, i)
+
+
+class EvalSampler(Sampler):
+    """Every sample once over all ranks; ranks are padded to equal length with keys >= n (dropped later)."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.n, self.rank, self.world = n, rank, world
+        self.per_rank = -(-n // world)
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        for j in range(self.per_rank):
+            yield j * self.world + self.rank  # may be >= n: a padding key
+
+
+class PaddedDataset(Dataset):
+    """Maps padding keys (>= len) back onto real samples; `collate` output keeps the raw key in 'index'."""
+
+    def __init__(self, ds: ImageDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: int):
+        out = self.ds[key % len(self.ds)]
+        return out if isinstance(out, BadSample) else (out[0], out[1], key)

@@ -1,0 +1,67 @@
+"""Run metrics: JSON lines in the work dir (`metrics.jsonl`), TensorBoard when installed, and the
+console (a tqdm progress bar with loss, lr, img/s and ETA). Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class RunLog:
+    """Append-only metric records: {'kind': 'train'|'eval'|'info', 'step': ..., ...}."""
+
+    def __init__(self, work_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = work_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(work_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.tb = None
+
+    def write(self, kind: str, step: int, **values: Any) -> None:
+        if not self.enabled:
+            return
+        rec = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(work_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of a run's metrics.jsonl (a torn last line from a killed run is ignored)."""
+    path = Path(work_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} not found; pass the work dir of a training run")
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def format_eta(seconds: float) -> str:
+    s = int(max(0, seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

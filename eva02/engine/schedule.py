@@ -1,0 +1,69 @@
+"""Per-step learning-rate schedule: linear warmup then half-cosine (official `utils.cosine_scheduler`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def cosine_lr(
+    step: int, base_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0, warmup_lr: float = 0.0
+) -> float:
+    """lr at optimizer step `step` (0-based): warmup_lr -> base_lr linearly, then cosine down to min_lr.
+
+    As the official scheduler, warmup value i is warmup_lr + (base_lr - warmup_lr) * i / warmup_steps and
+    cosine value j (counted after warmup) is min_lr + (base_lr - min_lr) * (1 + cos(pi * j / n)) / 2 with
+    n = total_steps - warmup_steps.
+    """
+    if step < warmup_steps:
+        return warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
+    n = max(1, total_steps - warmup_steps)
+    j = min(step - warmup_steps, n)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * j / n))
+
+
+class CosineSchedule:
+    """Sets every param group's lr to cosine_lr(step) x group['lr_scale']; its state is the step only."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        base_lr: float,
+        total_steps: int,
+        warmup_steps: int,
+        min_lr: float = 0.0,
+        warmup_lr: float = 0.0,
+    ) -> None:
+        if total_steps <= 0:
+            raise ValueError(
+                f"the schedule needs at least one step, got total_steps={total_steps}; "
+                "use more data, a smaller global batch or more epochs"
+            )
+        self.optimizer = optimizer
+        self.base_lr, self.min_lr, self.warmup_lr = base_lr, min_lr, warmup_lr
+        self.total_steps, self.warmup_steps = total_steps, min(warmup_steps, total_steps)
+        self.step_num = 0
+        self.apply()
+
+    def lr(self, step: int | None = None) -> float:
+        step = self.step_num if step is None else step
+        return cosine_lr(step, self.base_lr, self.total_steps, self.warmup_steps, self.min_lr, self.warmup_lr)
+
+    def apply(self) -> float:
+        lr = self.lr()
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        return lr
+
+    def step(self) -> float:
+        """Advance one optimizer step and set the lr for the next one."""
+        self.step_num += 1
+        return self.apply()
+
+    def state_dict(self) -> dict:
+        return {"step_num": self.step_num}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_num = int(state["step_num"])
+        self.apply()
