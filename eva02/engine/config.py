@@ -287,18 +287,27 @@ def parse_options(options: list[str] | None) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------- files
-def load_config(path: str | os.PathLike) -> RunConfig:
-    """Run a Python config file and return its `config` (a RunConfig)."""
+def load_run(path: str | os.PathLike) -> tuple[RunConfig, Any]:
+    """A config file's `config` and, if it defines one, its `task` (e.g. MIM pre-training), else None.
+
+    Python files are run (configs are code, as in mmpretrain); `.json` files (a saved resolved config)
+    are only parsed.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {str(p)!r} does not exist; see configs/eva02/ for examples")
     if p.suffix == ".json":
-        return RunConfig.from_dict(json.loads(p.read_text()))
+        return RunConfig.from_dict(json.loads(p.read_text())), None
     ns = runpy.run_path(str(p))
     cfg = ns.get("config")
     if not isinstance(cfg, RunConfig):
         raise ValueError(f"config file {str(p)!r} must define `config = RunConfig(...)`")
-    return cfg
+    return cfg, ns.get("task")
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    """The `config` (a RunConfig) of a Python config file or a saved config.json."""
+    return load_run(path)[0]
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:

@@ -87,3 +87,45 @@ def format_table(metrics: dict[str, Any], classes: list[str] | None = None, per_
             name = classes[i] if classes and i < len(classes) else str(i)
             lines.append(f"| {name} | {'n/a' if acc is None else f'{acc:.2f}'} |")
     return "\n".join(lines)
+
+
+def load_weights(cfg, checkpoint: str, use_ema: bool | None = None) -> nn.Module:
+    """The run's model with weights from a training checkpoint (ours) or any format the weights code reads."""
+    from eva02.engine import checkpoint as ckpt
+    from eva02.engine.tasks import build_eva02
+
+    model = build_eva02(cfg, load_init=False)
+    if ckpt.is_training_checkpoint(checkpoint):
+        state = ckpt.load(checkpoint)
+        if use_ema and state.get("ema") is None:
+            raise ValueError(f"{checkpoint} has no EMA weights (ema.enabled was off); drop --use-ema")
+        model.load_state_dict(state["ema"] if use_ema else state["model"], strict=True)
+    else:
+        from eva02.weights.load import load_checkpoint
+
+        load_checkpoint(model, checkpoint, use_ema=use_ema)
+    return model
+
+
+def run_test(
+    cfg, checkpoint: str, use_ema: bool | None = None, amp: torch.dtype | None = None, batch_size: int = 0
+) -> tuple[dict[str, Any], list[str]]:
+    """Evaluate a checkpoint on the config's validation split (torchrun-aware); returns (metrics, classes)."""
+    from torch.utils.data import DataLoader
+
+    from eva02.data.datasets import EvalSampler, PaddedDataset
+    from eva02.engine.dist import init_distributed
+    from eva02.engine.tasks import ClassificationTask
+
+    if not cfg.data.val_split:
+        raise ValueError("data.val_split is empty: nothing to evaluate; set --cfg-options data.val_split=val")
+    info = init_distributed()
+    task = ClassificationTask()
+    _, val = task.build_datasets(cfg)
+    model = load_weights(cfg, checkpoint, use_ema).to(info.device)
+    sampler = EvalSampler(len(val), info.rank, info.world_size)
+    bs = batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
+    loader = DataLoader(
+        PaddedDataset(val), batch_size=bs, sampler=sampler, num_workers=cfg.data.workers, collate_fn=task.collate
+    )
+    return evaluate_classifier(model, loader, info.device, cfg.model.num_classes, amp, len(val)), val.classes
