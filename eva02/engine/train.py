@@ -113,7 +113,8 @@ class Trainer:
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
-        torch.manual_seed(t.seed + self.info.rank)
+        # The same seed on every rank: FSDP2 keeps each rank's own initial shard (no broadcast as in DDP).
+        torch.manual_seed(t.seed)
         self.log = RunLog(self.work_dir, self.info.is_main)
         if self.info.is_main:
             save_config(cfg, self.work_dir / "config.json")
