@@ -12,12 +12,13 @@ def cosine_lr(
 ) -> float:
     """lr at optimizer step `step` (0-based): warmup_lr -> base_lr linearly, then cosine down to min_lr.
 
-    As the official scheduler, warmup value i is warmup_lr + (base_lr - warmup_lr) * i / warmup_steps and
-    cosine value j (counted after warmup) is min_lr + (base_lr - min_lr) * (1 + cos(pi * j / n)) / 2 with
-    n = total_steps - warmup_steps.
+    As the official scheduler (a linspace that includes both ends, then a cosine table): warmup value i
+    of W is warmup_lr + (base_lr - warmup_lr) * i / (W - 1), and cosine value j (counted after warmup) is
+    min_lr + (base_lr - min_lr) * (1 + cos(pi * j / n)) / 2 with n = total_steps - W.
     """
     if step < warmup_steps:
-        return warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
+        frac = step / (warmup_steps - 1) if warmup_steps > 1 else 0.0
+        return warmup_lr + (base_lr - warmup_lr) * frac
     n = max(1, total_steps - warmup_steps)
     j = min(step - warmup_steps, n)
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * j / n))

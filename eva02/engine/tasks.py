@@ -86,6 +86,18 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
+def _align_classes(val, classes: list[str]) -> None:
+    """Give validation folders the train label of the same name (a split may lack some classes)."""
+    unknown = sorted(set(val.classes) - set(classes))
+    if unknown:
+        raise ValueError(
+            f"validation class folders {unknown[:5]} are not train classes; both splits need the same class names"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    val.samples = [(p, index[val.classes[lab]]) for p, lab in val.samples]
+    val.classes = list(classes)
+
+
 class ClassificationTask:
     """Fine-tuning / training a classifier: label-smoothed cross-entropy, optional mixup / cutmix."""
 
@@ -139,10 +151,7 @@ class ClassificationTask:
             val = build_dataset(d.root, d.val_split, d.val_list, d.class_names, eval_transform(pre))
             val.check(n, "validation")
             if not (d.val_list or d.train_list) and val.classes != train.classes:
-                raise ValueError(
-                    f"validation classes differ from train classes (e.g. {val.classes[:3]} vs "
-                    f"{train.classes[:3]}); both splits need the same class folders"
-                )
+                _align_classes(val, train.classes)
         self.num_classes = n
         self.mixup = Mixup(n, d.mixup, d.cutmix, d.mix_prob, d.mix_switch_prob, d.smoothing)
         return train, val
