@@ -98,20 +98,21 @@ class ImageDataset(Dataset):
         random.setstate(py_state)
         return out, label, index
 
-    def check(self, num_classes: int, what: str) -> None:
-        """Errors before training starts: empty dataset, labels outside [0, num_classes), missing files."""
+    def check_not_empty(self, what: str) -> None:
         if not self.samples:
             raise ValueError(
                 f"the {what} dataset is empty: no images found; expected class folders (root/<class>/<image>) "
                 "or a list file of 'relative/path label' lines"
             )
-        labels = [lab for _, lab in self.samples]
-        lo, hi = min(labels), max(labels)
-        if lo < 0 or hi >= num_classes:
-            bad = next(p for p, lab in self.samples if lab < 0 or lab >= num_classes)
+
+    def check(self, num_classes: int, what: str) -> None:
+        """Errors before training starts: empty dataset, labels outside [0, num_classes), missing files."""
+        self.check_not_empty(what)
+        bad = next(((p, lab) for p, lab in self.samples if not 0 <= lab < num_classes), None)
+        if bad is not None:
             raise ValueError(
-                f"the {what} dataset has label {hi if hi >= num_classes else lo} (e.g. for {bad!r}) outside "
-                f"[0, {num_classes}); fix the list file or set model.num_classes"
+                f"the {what} dataset has label {bad[1]} (for {bad[0]!r}) outside [0, {num_classes}); "
+                "fix the list file or set model.num_classes"
             )
         missing = [p for p, _ in self.samples if not os.path.isfile(p)]
         if missing:

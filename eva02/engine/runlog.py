@@ -43,6 +43,14 @@ class RunLog:
 
             tqdm.write(msg)
 
+    def warn(self, msg: str) -> None:
+        """A warning from any rank (e.g. the unreadable images it met), on stderr."""
+        import sys
+
+        from tqdm import tqdm
+
+        tqdm.write(f"warning: {msg}", file=sys.stderr)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

@@ -133,12 +133,13 @@ class ClassificationTask:
         )
         train = build_dataset(d.root, d.train_split, d.train_list, d.class_names, tt)
         n = cfg.model.num_classes
-        train.check(n, "train")
+        train.check_not_empty("train")
         if len(train.classes) != n:
             raise ValueError(
                 f"the train dataset has {len(train.classes)} classes but model.num_classes={n}; "
                 f"set model.num_classes={len(train.classes)}"
             )
+        train.check(n, "train")
         val = None
         if d.val_split:
             pre = Preprocess(

@@ -200,7 +200,7 @@ class Trainer:
             torch.manual_seed(_step_seed(self.cfg.train.seed, self.info.rank, self.global_step, micro))
             batch = next(it)
             for p, reason in batch.get("bad", ()):
-                self.log.info(f"warning: skipped unreadable image {p}: {reason}")
+                self.log.warn(f"skipped unreadable image {p}: {reason}")
             loss_sum[3] += len(batch.get("bad", ()))
             if batch.get("images") is None:
                 raise TrainingError("every image of a batch failed to load; check the dataset files")
