@@ -10,11 +10,12 @@ alike; the reported numbers are medians over rounds.
     python benchmarks/profile_model.py train --size tiny --img 336 --batch 8
     python benchmarks/profile_model.py memory --size base --img 448 --batch 2
     python benchmarks/profile_model.py ops --size tiny --img 336 --batch 8
+    python benchmarks/profile_model.py speed --before 6e26f6d   # also our blocks as of a git revision
 
-Memory is measured as live tensor bytes from torch.profiler's memory events (every CPU allocation and
-free made by torch, in order); the peak of their running sum is the most memory the step held on top
-of what existed before it. This is independent of the C allocator's caching, which makes peak RSS a
-poor measure on CPU. `--rss` additionally reports each model's peak RSS from a fresh subprocess.
+Activation memory is counted exactly: the distinct storages autograd saves for backward during one
+training forward (parameters excluded), via `torch.autograd.graph.saved_tensors_hooks`; it does not
+depend on the C allocator's caching. `--rss` adds the peak RSS of a fresh process per model that builds
+it and runs two full training steps (an upper bound that includes the allocator's cached pages).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 
 import torch
 
+from eva02.model import vit
 from eva02.model.config import VARIANTS
 from eva02.model.vit import Eva02
 from eva02.weights.convert import to_ours
@@ -50,8 +53,36 @@ def build_pair(size: str, img: int, classes: int = 1000, depth: int | None = Non
     return tm.eval(), ours.eval()
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int, iters: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed in alternating rounds (order rotated each round)."""
+def blocks_at(rev: str) -> types.ModuleType:
+    """`eva02/model/layers.py` (with its rope.py) as of git revision `rev`, to time earlier block code."""
+
+    def source(path: str) -> str:
+        return subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
+
+    rope = types.ModuleType("eva02_rope_at_rev")
+    exec(compile(source("eva02/model/rope.py"), f"{rev}:rope.py", "exec"), rope.__dict__)
+    sys.modules[rope.__name__] = rope
+    layers = types.ModuleType("eva02_layers_at_rev")
+    code = source("eva02/model/layers.py").replace("from eva02.model.rope import", f"from {rope.__name__} import")
+    exec(compile(code, f"{rev}:layers.py", "exec"), layers.__dict__)
+    return layers
+
+
+def model_at(rev: str, ours: Eva02) -> Eva02:
+    """A copy of `ours` (same weights) whose blocks are built from the layer code at `rev`."""
+    layers = blocks_at(rev)
+    saved = vit.Block, vit.PatchEmbed
+    vit.Block, vit.PatchEmbed = layers.Block, layers.PatchEmbed
+    try:
+        old = Eva02(ours.cfg)
+    finally:
+        vit.Block, vit.PatchEmbed = saved
+    old.load_state_dict(ours.state_dict(), strict=True)
+    return old.train(ours.training)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, iters: int) -> dict[str, list[float]]:
+    """Seconds per call of each function in every round; the order rotates so no one always runs first."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for r in range(rounds):
@@ -60,12 +91,15 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, iters: int) -
             for _ in range(iters):
                 fns[name]()
             times[name].append((time.perf_counter() - t0) / iters)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
-def report(med: dict[str, float], batch: int, ref: str = "timm") -> None:
-    for name, sec in med.items():
-        print(f"  {name:14s} {batch / sec:8.2f} img/s  {sec * 1e3:8.1f} ms   x{med[ref] / sec:.3f} vs {ref}")
+def report(times: dict[str, list[float]], batch: int, ref: str = "timm") -> None:
+    """Median img/s, and the median over rounds of the per-round speed ratio to `ref` (robust to drifting load)."""
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        ratio = statistics.median(r / t for r, t in zip(times[ref], ts, strict=True))
+        print(f"  {name:14s} {batch / med:8.2f} img/s  {med * 1e3:8.1f} ms   x{ratio:.3f} vs {ref} (median of ratios)")
 
 
 def cmd_speed(a: argparse.Namespace) -> None:
@@ -85,6 +119,8 @@ def cmd_speed(a: argparse.Namespace) -> None:
 
     fns["timm"] = wrap(tm)
     fns["ours"] = wrap(ours)
+    if a.before:
+        fns[f"ours@{a.before}"] = wrap(model_at(a.before, ours))
     if a.compile:
         c_ours = torch.compile(ours)
         c_tm = torch.compile(tm)
@@ -95,9 +131,9 @@ def cmd_speed(a: argparse.Namespace) -> None:
         fns["timm+compile"] = wrap(c_tm)
     for f in fns.values():
         f()
-    med = interleaved(fns, a.rounds, a.iters)
+    times = interleaved(fns, a.rounds, a.iters)
     print(f"inference {a.size}-{a.img} batch {a.batch}, {torch.get_num_threads()} threads, median of {a.rounds}")
-    report(med, a.batch)
+    report(times, a.batch)
 
 
 def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
@@ -119,26 +155,50 @@ def cmd_train(a: argparse.Namespace) -> None:
     x = torch.randn(a.batch, 3, a.img, a.img)
     y = torch.randint(0, 1000, (a.batch,))
     fns = {"timm": train_step_fn(tm, x, y), "ours": train_step_fn(ours, x, y)}
+    if a.before:
+        fns[f"ours@{a.before}"] = train_step_fn(model_at(a.before, ours), x, y)
     for f in fns.values():
         f()
-    med = interleaved(fns, a.rounds, a.iters)
+    times = interleaved(fns, a.rounds, a.iters)
     print(f"train step {a.size}-{a.img} batch {a.batch}, {torch.get_num_threads()} threads, median of {a.rounds}")
-    report(med, a.batch)
+    report(times, a.batch)
 
 
-def live_peak(fn: Callable[[], object]) -> tuple[int, int]:
-    """(peak, end) live tensor bytes allocated by fn beyond those existing before it, from profiler events."""
-    from torch.profiler import ProfilerActivity, profile
+def saved_bytes(model: torch.nn.Module, fn: Callable[[], object]) -> int:
+    """Bytes of the distinct tensor storages that autograd saves for backward while fn runs, parameters excluded.
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    This is the activation memory of a training step, counted exactly and independent of the allocator.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     del out
-    events = [(e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]"]
-    live = peak = 0
-    for _, b in sorted(events, key=lambda t: t[0]):
-        live += b
-        peak = max(peak, live)
-    return peak, live
+    return sum(seen.values())
+
+
+RSS_CODE = """
+import resource, sys, torch
+sys.path.insert(0, "benchmarks")
+import profile_model as p
+torch.set_num_threads({threads})
+tm, ours = p.build_pair({size!r}, {img}, depth={depth})
+m = {which}
+del tm, ours
+m.set_grad_checkpointing({ckpt})
+x, y = torch.randn({batch}, 3, {img}, {img}), torch.randint(0, 1000, ({batch},))
+step = p.train_step_fn(m, x, y)
+for _ in range(2):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
 
 
 def cmd_memory(a: argparse.Namespace) -> None:
@@ -146,38 +206,26 @@ def cmd_memory(a: argparse.Namespace) -> None:
     x = torch.randn(a.batch, 3, a.img, a.img)
     y = torch.randint(0, 1000, (a.batch,))
     mb = 2**20
-    print(f"memory {a.size}-{a.img} batch {a.batch} (MiB of live tensors beyond the model)")
-    for name, m in (("timm", tm), ("ours", ours)):
+    print(f"memory {a.size}-{a.img} batch {a.batch} depth {a.depth or 'full'}: saved activations of one forward")
+    models = [("timm", tm), ("ours", ours)] + ([(f"ours@{a.before}", model_at(a.before, ours))] if a.before else [])
+    for name, m in models:
+        m.train()
         for ckpt in (False, True):
             m.set_grad_checkpointing(ckpt)
-            step = train_step_fn(m, x, y)
-            step()  # optimizer state exists from here on
-
-            def fwd(m: torch.nn.Module = m) -> object:
-                return torch.nn.functional.cross_entropy(m(x), y)
-
-            fwd_peak, saved = live_peak(fwd)  # `saved`: what the forward left alive for backward
-            step_peak, _ = live_peak(step)
-            print(
-                f"  {name:5s} ckpt={int(ckpt)}  activations {saved / mb:8.1f}  forward peak {fwd_peak / mb:8.1f}"
-                f"  train-step peak {step_peak / mb:8.1f}"
-            )
+            n = saved_bytes(m, lambda m=m: torch.nn.functional.cross_entropy(m(x), y))
+            print(f"  {name:14s} grad-checkpointing={int(ckpt)}  {n / mb:9.1f} MiB")
             m.set_grad_checkpointing(False)
-    if a.rss:
-        for name in ("timm", "ours"):
-            for ckpt in (0, 1):
-                code = (
-                    "import resource,sys,torch;sys.path.insert(0,'benchmarks');import profile_model as p;"
-                    f"tm,o=p.build_pair({a.size!r},{a.img},depth={a.depth});m={'tm' if name == 'timm' else 'o'};"
-                    f"m.set_grad_checkpointing({bool(ckpt)});del tm,o;"
-                    f"x=torch.randn({a.batch},3,{a.img},{a.img});y=torch.randint(0,1000,({a.batch},));"
-                    "s=p.train_step_fn(m,x,y);[s() for _ in range(2)];"
-                    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-                )
-                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-                print(
-                    f"  {name:5s} ckpt={ckpt}  peak RSS {int(out.stdout.split()[-1]) / 1024:8.1f} MiB (fresh process)"
-                )
+    if not a.rss:
+        return
+    print("peak RSS of a fresh process: build, two training steps (forward, backward, AdamW)")
+    for name in ("timm", "ours"):
+        for ckpt in (False, True):
+            code = RSS_CODE.format(
+                threads=a.threads, size=a.size, img=a.img, depth=a.depth, batch=a.batch, ckpt=ckpt,
+                which="tm" if name == "timm" else "ours",
+            )  # fmt: skip
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            print(f"  {name:14s} grad-checkpointing={int(ckpt)}  {int(out.stdout.split()[-1]) / 1024:9.1f} MiB")
 
 
 def cmd_ops(a: argparse.Namespace) -> None:
@@ -221,10 +269,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--depth", type=int, default=None, help="fewer blocks for a quick look")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--iters", type=int, default=1)
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--before", metavar="REV", help="also time our blocks as of this git revision")
     ap.add_argument("--train", action="store_true", help="ops: profile a training step")
     ap.add_argument("--inference-mode", action="store_true", help="speed: torch.inference_mode, not no_grad")
     ap.add_argument("--rss", action="store_true", help="memory: also peak RSS of fresh processes")
