@@ -142,3 +142,10 @@ def is_training_checkpoint(path: str | os.PathLike) -> bool:
         return load(p) is not None
     except (ValueError, RuntimeError, OSError, EOFError):
         return False
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """Final weights in the package's safetensors format (config embedded), loadable by get_model."""
+    from eva02.weights.load import save_checkpoint
+
+    save_checkpoint(model, path)

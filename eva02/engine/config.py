@@ -286,6 +286,21 @@ def parse_options(options: list[str] | None) -> dict[str, str]:
     return out
 
 
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, list | tuple) else v
+
+
+def changed_keys(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """Dotted keys whose value in `cfg` differs from a saved `to_dict()` (keys absent there are skipped)."""
+    out = []
+    for sec, sub in cfg.to_dict().items():
+        for k, v in sub.items():
+            old = saved.get(sec, {}).get(k, v)
+            if _plain(old) != _plain(v):
+                out.append(f"{sec}.{k}")
+    return out
+
+
 # ------------------------------------------------------------------------------- files
 def load_run(path: str | os.PathLike) -> tuple[RunConfig, Any]:
     """A config file's `config` and, if it defines one, its `task` (e.g. MIM pre-training), else None.

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from eva02.data.datasets import EvalSampler, PaddedDataset, TrainSampler
 from eva02.engine import checkpoint as ckpt
-from eva02.engine.config import RunConfig, save_config
+from eva02.engine.config import RunConfig, changed_keys, save_config
 from eva02.engine.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from eva02.engine.ema import ModelEma
 from eva02.engine.evaluate import autocast
@@ -163,6 +163,9 @@ class Trainer:
                 f"{path} was trained with global batch {state['global_batch']}, this run has "
                 f"{self.global_batch}; set optim.global_batch={state['global_batch']} to resume"
             )
+        changed = changed_keys(state.get("config", {}), self.cfg)
+        if changed:
+            self.log.info(f"note: resuming with settings changed since the checkpoint: {', '.join(changed)}")
         ckpt.restore_state(self.model, self.optimizer, state)
         self.schedule.load_state_dict(state["schedule"])
         if self.ema is not None and state.get("ema") is not None:
@@ -321,26 +324,10 @@ class Trainer:
         if self.info.is_main:
             plain = self.task.build_model(self.cfg, load_init=False)
             plain.load_state_dict(model_sd)
-            _save_weights(plain, self.work_dir / "final.safetensors")
+            ckpt.save_weights(plain, self.work_dir / "final.safetensors")
             if self.ema is not None:
-                _save_weights(self.ema.module, self.work_dir / "final_ema.safetensors")
+                ckpt.save_weights(self.ema.module, self.work_dir / "final_ema.safetensors")
         barrier()
-
-
-def _save_weights(model: torch.nn.Module, path: Path) -> None:
-    try:
-        from eva02.weights.load import save_checkpoint
-    except ImportError:  # weights code not installed yet: plain safetensors with the config as metadata
-        import json
-
-        from safetensors.torch import save_file
-
-        tmp = path.with_name(f".{path.name}.tmp")
-        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(sd, str(tmp), metadata={"eva02_config": json.dumps(model.cfg.to_dict())})
-        os.replace(tmp, path)
-        return
-    save_checkpoint(model, path)
 
 
 def train(
