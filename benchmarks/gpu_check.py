@@ -1,0 +1,238 @@
+"""GPU check and benchmark: bf16 numerics, SDPA flash, torch.compile and FSDP2 on one CUDA device.
+
+Runs ours and timm side by side on the same GPU in one process (timm is the reference implementation):
+- fp32 and bf16 parity of ours vs timm with identical random weights;
+- that our attention runs under the flash-attention SDPA backend in bf16;
+- inference img/s (bf16 weights, eager and torch.compile) and MFU against a bf16 matmul measured here;
+- a bf16-autocast training step (forward + backward + AdamW) img/s and peak memory;
+- FSDP2 (`fully_shard` per block) on a one-process group: one step, loss equal to the unsharded model's.
+Writes a JSON file (argument 1, default gpu_results.json). Usage: python benchmarks/gpu_check.py OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+from eva02.flops import count_flops
+from eva02.model import VARIANTS, Eva02
+from eva02.weights.convert import to_ours
+
+RESULTS: dict = {}
+QUICK = os.environ.get("QUICK") == "1"  # fewer models and compilations, for a short device slot
+OUT_PATH = sys.argv[1] if len(sys.argv) > 1 else "gpu_results.json"
+DEV = "cuda"
+TIMM_NAMES = {
+    "tiny": "eva02_tiny_patch14_336",
+    "small": "eva02_small_patch14_336",
+    "base": "eva02_base_patch14_448",
+    "large": "eva02_large_patch14_448",
+}
+
+
+def pair(size: str, img: int):
+    import timm
+
+    cfg = VARIANTS[size].replace(img_size=img, num_classes=1000)
+    torch.manual_seed(0)
+    ref = timm.create_model(TIMM_NAMES[size], pretrained=False, num_classes=1000)
+    ours = Eva02(cfg)
+    ours.load_state_dict(to_ours(ref.state_dict(), "timm", cfg))
+    return ours.to(DEV).eval(), ref.to(DEV).eval(), cfg
+
+
+def timed(fn, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / iters
+
+
+def matmul_peak() -> float:
+    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    sec = timed(lambda: a @ b, 20)
+    return 2 * 8192**3 / sec
+
+
+def section(name):
+    def wrap(fn):
+        def run(*a, **k):
+            t0 = time.time()
+            try:
+                RESULTS[name] = fn(*a, **k)
+            except Exception as e:  # record and continue: one failing check must not hide the others
+                RESULTS[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+            print(f"[{name}] {time.time() - t0:.1f}s {json.dumps(RESULTS[name])[:600]}", flush=True)
+            with open(OUT_PATH, "w") as f:  # after every section, so a time-out still leaves results
+                json.dump(RESULTS, f, indent=1)
+
+        return run
+
+    return wrap
+
+
+@section("parity")
+def check_parity():
+    out = {}
+    for size, img in (("tiny", 336), ("base", 448)):
+        ours, ref, _ = pair(size, img)
+        x = torch.randn(4, 3, img, img, device=DEV)
+        with torch.inference_mode():
+            out[f"{size}_fp32_max_abs"] = (ours(x) - ref(x)).abs().max().item()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                a, b = ours(x).float(), ref(x).float()
+            out[f"{size}_bf16_autocast_max_abs"] = (a - b).abs().max().item()
+            out[f"{size}_bf16_top1_agree"] = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    return out
+
+
+@section("sdpa_flash")
+def check_flash():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    ours, _, _ = pair("base", 448)
+    ours = ours.to(torch.bfloat16)
+    x = torch.randn(8, 3, 448, 448, device=DEV, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        y_any = ours(x).float()
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            y_flash = ours(x).float()
+    return {"flash_runs": True, "max_abs_vs_default_backend": (y_flash - y_any).abs().max().item()}
+
+
+@section("inference_bf16")
+def bench_inference(peak: float):
+    rows = {}
+    sizes = (("tiny", 336, 256), ("base", 448, 64), ("large", 448, 32))
+    for size, img, bs in sizes[:2] if QUICK else sizes:
+        ours, ref, cfg = pair(size, img)
+        ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
+        x = torch.randn(bs, 3, img, img, device=DEV, dtype=torch.bfloat16)
+        macs = count_flops(cfg)
+        row = {"batch": bs}
+        variants = [("ours_eager", ours), ("timm_eager", ref)]
+        if size == "base":  # compile the headline size only: compilation costs device time
+            variants += [("ours_compile", torch.compile(ours))]
+            if not QUICK:
+                variants += [("timm_compile", torch.compile(ref))]
+        for name, m in variants:
+            with torch.inference_mode():
+                t0 = time.time()
+                m(x)  # compile happens here for compiled variants
+                torch.cuda.synchronize()
+                first = time.time() - t0
+                sec = timed(lambda m=m, x=x: m(x), 10)
+            row[name] = {"img_s": bs / sec, "mfu": 2 * macs * bs / sec / peak, "first_call_s": first}
+        row["ratio_eager"] = row["ours_eager"]["img_s"] / row["timm_eager"]["img_s"]
+        if "timm_compile" in row:
+            row["ratio_compile"] = row["ours_compile"]["img_s"] / row["timm_compile"]["img_s"]
+        rows[f"{size}-{img}"] = row
+        del ours, ref
+        torch.cuda.empty_cache()
+    return rows
+
+
+@section("train_bf16")
+def bench_train():
+    rows = {}
+    for size, img, bs in (("base", 448, 32),):
+        ours, ref, _ = pair(size, img)
+        x = torch.randn(bs, 3, img, img, device=DEV)
+        y = torch.randint(0, 1000, (bs,), device=DEV)
+        row = {"batch": bs}
+        for name, m in (("ours", ours), ("timm", ref)):
+            m.train()
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+
+            def step(m=m, opt=opt, x=x, y=y):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = torch.nn.functional.cross_entropy(m(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            torch.cuda.reset_peak_memory_stats()
+            sec = timed(step, 5)
+            row[name] = {"img_s": bs / sec, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+            if name == "ours":
+                m.set_grad_checkpointing(True)
+                torch.cuda.reset_peak_memory_stats()
+                sec = timed(step, 3)
+                row["ours_grad_ckpt"] = {"img_s": bs / sec, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+            del opt
+        row["ratio"] = row["ours"]["img_s"] / row["timm"]["img_s"]
+        rows[f"{size}-{img}"] = row
+    return rows
+
+
+@section("fsdp2")
+def check_fsdp2():
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        cfg = VARIANTS["base"].replace(img_size=224, num_classes=1000, depth=4)
+        plain = Eva02(cfg).to(DEV).train()
+        sharded = Eva02(cfg).to(DEV).train()
+        sharded.load_state_dict(plain.state_dict())
+        from eva02.engine.parallel import apply_fsdp  # the engine's own FSDP2 wrapping
+
+        sharded = apply_fsdp(sharded, torch.bfloat16)  # bf16 params for compute, fp32 gradient reduction
+        x = torch.randn(8, 3, 224, 224, device=DEV)
+        y = torch.randint(0, 1000, (8,), device=DEV)
+        losses = {}
+        for name, m in (("plain", plain), ("fsdp2", sharded)):
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+            seq = []
+            for _ in range(3):
+                # the plain model under autocast, the sharded one through FSDP2's mixed-precision policy
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=name == "plain"):
+                    loss = torch.nn.functional.cross_entropy(m(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                seq.append(loss.item())
+            losses[name] = seq
+        dtypes = sorted({str(type(p).__name__) for p in sharded.parameters()})
+        return {
+            "param_types": dtypes,
+            "losses": losses,
+            "max_abs_loss_diff": max(abs(a - b) for a, b in zip(losses["plain"], losses["fsdp2"], strict=True)),
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    import timm
+
+    p = torch.cuda.get_device_properties(0)
+    RESULTS["env"] = {"gpu": p.name, "torch": torch.__version__, "timm": timm.__version__, "cuda": torch.version.cuda}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    peak = matmul_peak()
+    RESULTS["bf16_matmul_peak_tflops"] = peak / 1e12
+    print("peak", peak / 1e12, flush=True)
+    check_parity()
+    check_flash()
+    bench_inference(peak)
+    bench_train()
+    check_fsdp2()
+
+
+if __name__ == "__main__":
+    main()
