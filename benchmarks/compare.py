@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -58,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mmp-site", default=str(ROOT / ".mmp_site"), metavar="DIR")
     p.add_argument("--no-mmpretrain", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), metavar="DIR")
+    p.add_argument("--from-json", metavar="FILE", help="no measuring: re-derive ratios, table and plot from a report")
     p.add_argument("--tag", default="cpu", help="name of the result files: <tag>.json, <tag>_img_s.png")
     return p.parse_args(argv)  # fmt: skip
 
@@ -76,8 +78,9 @@ def mmpretrain_available(site: str) -> bool:
     return True
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Measure every size; one merged report."""
+def run(args: argparse.Namespace, save: Path | None = None) -> dict:
+    """Measure every size; one merged report, also written to `save` after each size (a long run that is
+    cut short keeps what it measured)."""
     impls = ["ours", "timm"]
     if not args.no_mmpretrain and args.device == "cpu" and mmpretrain_available(args.mmp_site):
         impls.append("mmpretrain")
@@ -97,6 +100,8 @@ def run(args: argparse.Namespace) -> dict:
             report.setdefault("matmul_gflop_s_per_size", {})[name] = part["matmul_gflop_s"]
         report["settings"]["compile_sizes"] = sorted(compile_sizes & set(args.sizes))
         report["settings"]["impls"] = impls
+        if save:
+            write_json(report, save)
     return report
 
 
@@ -139,9 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = run(args)
     out = Path(args.out)
-    write_json(report, out / f"{args.tag}.json")
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        for res in report["results"].values():
+            bench.add_derived(res, report["matmul_gflop_s"] * 1e9)
+        write_json(report, out / f"{args.tag}.json")
+    else:
+        report = run(args, save=out / f"{args.tag}.json")
     plot(report, out / f"{args.tag}_img_s.png")
     m = report["machine"]
     print(f"{m.get('gpu') or m['cpu']}, {m['threads']} threads, torch {m['torch']}, {args.dtype}")

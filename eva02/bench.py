@@ -423,6 +423,7 @@ def add_derived(result: dict, peak_flops: float) -> dict:
             e["peak_fraction"] = e["img_s"] * flop * factor / peak_flops
             if base and name != "timm":
                 e["x_timm"] = e["img_s"] / base["img_s"]
+                e["x_timm_best"] = base["min_ms"] / e["min_ms"]  # fastest rounds: the least disturbed ones
     mem = result.get("memory", {})
     mem = {k: v for k, v in mem.items() if "peak_mib" in v}
     for name, e in mem.items():

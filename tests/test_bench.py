@@ -84,6 +84,7 @@ def test_bench_size_keys_and_ratios_from_measured_numbers():
     for mode, factor in (("infer", 1), ("train", 3)):
         ours, timm = res[mode]["ours"], res[mode]["timm"]
         assert ours["x_timm"] == pytest.approx(ours["img_s"] / timm["img_s"])
+        assert ours["x_timm_best"] == pytest.approx(min(timm["times_s"]) / min(ours["times_s"]))
         assert "x_timm" not in timm
         assert ours["peak_fraction"] == pytest.approx(ours["img_s"] * res["gflop_per_img"] * 1e9 * factor / peak)
 

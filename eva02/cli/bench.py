@@ -88,9 +88,16 @@ def write_json(obj: dict, path: Path) -> None:
         raise
 
 
+def _ratio(e: dict) -> str:
+    return f"{e['x_timm']:.2f} / {e['x_timm_best']:.2f}" if "x_timm" in e else ""
+
+
 def format_table(report: dict) -> str:
     """Markdown table of a report from `run_benchmark` (one row per size and implementation)."""
-    head = "| size | batch | impl | infer img/s | latency ms | x timm | % matmul peak | train img/s | x timm |"
+    head = (
+        "| size | batch | impl | infer img/s | latency ms | x timm (median / best) | % matmul peak "
+        "| train img/s | x timm (median / best) |"
+    )
     lines = [head, "|" + "---|" * 9]
     for name, res in report["results"].items():
         train = res.get("train", {})
@@ -105,10 +112,10 @@ def format_table(report: dict) -> str:
                 impl,
                 f"{e['img_s']:.2f}",
                 f"{e['latency_ms']:.0f}",
-                f"{e['x_timm']:.2f}" if "x_timm" in e else "",
+                _ratio(e),
                 f"{100 * e['peak_fraction']:.0f}%",
                 f"{t['img_s']:.2f}" if t else "",
-                f"{t['x_timm']:.2f}" if t and "x_timm" in t else "",
+                _ratio(t) if t else "",
             ]
             lines.append("| " + " | ".join(cells) + " |")
     mem_rows = [(name, impl, e) for name, res in report["results"].items() for impl, e in res.get("memory", {}).items()]
