@@ -7,6 +7,7 @@ padding keys (>= dataset size) and images that failed to load are left out of th
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,10 +120,12 @@ def run_test(
 
     if not cfg.data.val_split:
         raise ValueError("data.val_split is empty: nothing to evaluate; set --cfg-options data.val_split=val")
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
     info = init_distributed()
-    task = ClassificationTask()
-    _, val = task.build_datasets(cfg)
     model = load_weights(cfg, checkpoint, use_ema).to(info.device)
+    task = ClassificationTask()
+    val = task.build_val_dataset(cfg)
     sampler = EvalSampler(len(val), info.rank, info.world_size)
     bs = batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
     loader = DataLoader(

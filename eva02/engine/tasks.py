@@ -114,8 +114,6 @@ class ClassificationTask:
         from eva02.data.datasets import build_dataset
         from eva02.data.mixup import Mixup
         from eva02.data.train_transforms import train_transform
-        from eva02.data.transforms import eval_transform
-        from eva02.weights.zoo import Preprocess
 
         d = cfg.data
         tt = train_transform(
@@ -140,22 +138,26 @@ class ClassificationTask:
                 f"set model.num_classes={len(train.classes)}"
             )
         train.check(n, "train")
-        val = None
-        if d.val_split:
-            pre = Preprocess(
-                img_size=cfg.model.img_size,
-                mean=tuple(d.mean),
-                std=tuple(d.std),
-                crop_pct=d.crop_pct,
-                interpolation=d.interpolation,
-            )
-            val = build_dataset(d.root, d.val_split, d.val_list, d.class_names, eval_transform(pre))
-            val.check(n, "validation")
-            if not (d.val_list or d.train_list) and val.classes != train.classes:
-                _align_classes(val, train.classes)
+        val = self.build_val_dataset(cfg, train.classes) if d.val_split else None
         self.num_classes = n
         self.mixup = Mixup(n, d.mixup, d.cutmix, d.mix_prob, d.mix_switch_prob, d.smoothing)
         return train, val
+
+    def build_val_dataset(self, cfg: RunConfig, train_classes: list[str] | None = None) -> Dataset:
+        """The checked validation split with the eval transform (resize, center crop, normalise)."""
+        from eva02.data.datasets import build_dataset
+        from eva02.data.transforms import eval_transform
+        from eva02.weights.zoo import Preprocess
+
+        d, n = cfg.data, cfg.model.num_classes
+        pre = Preprocess(img_size=cfg.model.img_size, mean=tuple(d.mean), std=tuple(d.std), crop_pct=d.crop_pct,
+                         interpolation=d.interpolation)  # fmt: skip
+        val = build_dataset(d.root, d.val_split, d.val_list, d.class_names, eval_transform(pre))
+        val.check(n, "validation")
+        if train_classes is not None and not (d.val_list or d.train_list) and val.classes != train_classes:
+            _align_classes(val, train_classes)
+        self.num_classes = n
+        return val
 
     def collate(self, items: list) -> dict[str, Any]:
         from eva02.data.datasets import collate
