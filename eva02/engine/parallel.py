@@ -22,7 +22,13 @@ def apply_fsdp(model: nn.Module, mp_dtype: torch.dtype | None = None) -> nn.Modu
     # FSDP2 test shows identical losses, so the warning is noise here.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
-    mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else None
+    # Parameters are gathered in the low precision, gradients reduced in fp32. Block inputs are not cast:
+    # the RoPE tables passed to every block must stay fp32 (autocast handles the matmuls).
+    mp = (
+        MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        if mp_dtype
+        else None
+    )
     kwargs = {"mp_policy": mp} if mp else {}
     blocks = list(model.blocks)
     for i, blk in enumerate(blocks):
