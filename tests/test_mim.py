@@ -440,15 +440,14 @@ def unwrap_backbone(model: nn.Module) -> Eva02:
      ("large", 1.5e-3, 2048, 150, 0.1)],
 )  # fmt: skip
 def test_pretrain_configs_follow_the_official_recipe(size, lr, batch, epochs, drop_path):
-    import runpy
     from pathlib import Path
 
+    from eva02.engine.config import load_run, override
     from eva02.engine.tasks_mim import MimTask
 
     path = Path(__file__).parents[1] / "configs" / "eva02" / f"eva02_{size}_p14_mim_in21k.py"
-    ns = runpy.run_path(str(path))
-    c, task = ns["config"], ns["task"]
-    assert isinstance(task, MimTask)
+    c, task = load_run(path)
+    assert isinstance(task, MimTask) and c.train.task == "mim"
     assert (c.model.name, c.model.num_classes, c.model.img_size, c.model.drop_path) == (size, 0, 224, drop_path)
     assert c.model.patch_grad_scale == 0.1
     o, s = c.optim, c.schedule
@@ -459,5 +458,10 @@ def test_pretrain_configs_follow_the_official_recipe(size, lr, batch, epochs, dr
     assert c.data.rrc_scale == (0.2, 1.0) and c.data.randaug_n == 0 and c.data.mixup == 0 and c.data.val_split == ""
     m = task.settings(c)
     assert (m.teacher_kind, m.teacher_name) == ("open_clip", "EVA01-g-14")
+    # the teacher is a checked config section: overridable from the command line
+    local = override(c, {"mim.teacher_kind": "eva02", "mim.teacher_name": "teacher.safetensors"})
+    assert task.settings(local).teacher_name == "teacher.safetensors"
+    with pytest.raises(ValueError, match="teacher_kind"):
+        override(c, {"mim.teacher_kind": "bogus"})
     gen = task.masks(c)
     assert (gen.height, gen.num_masking, gen.min_num, gen.max_num) == (16, 105, 16, 105)

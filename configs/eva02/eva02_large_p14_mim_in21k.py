@@ -9,7 +9,6 @@ Run:  torchrun --nproc_per_node 8 tools/train.py configs/eva02/eva02_large_p14_m
 from pathlib import Path
 
 from eva02.engine.config import load_config, override
-from eva02.engine.tasks_mim import MimCfg, MimTask
 
 config = override(
     load_config(Path(__file__).with_name("eva02_tiny_p14_mim_in21k.py")),
@@ -23,6 +22,3 @@ config = override(
         "train.parallel": "fsdp",
     },
 )
-
-mim = MimCfg(teacher_kind="open_clip", teacher_name="EVA01-g-14", teacher_pretrained="laion400m_s11b_b41k")
-task = MimTask(mim)

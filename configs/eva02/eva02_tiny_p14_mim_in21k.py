@@ -10,8 +10,7 @@ Run:  python tools/train.py configs/eva02/eva02_tiny_p14_mim_in21k.py   (torchru
 Data: any folder of images (class folders or not; labels are unused) at data/imagenet21k/train.
 """
 
-from eva02.engine.config import DataCfg, EmaCfg, ModelCfg, OptimCfg, RunConfig, ScheduleCfg, TrainCfg
-from eva02.engine.tasks_mim import MimCfg, MimTask
+from eva02.engine.config import DataCfg, EmaCfg, MimCfg, ModelCfg, OptimCfg, RunConfig, ScheduleCfg, TrainCfg
 
 config = RunConfig(
     model=ModelCfg(name="tiny", num_classes=0, img_size=224, drop_path=0.0, patch_grad_scale=0.1),
@@ -36,15 +35,13 @@ config = RunConfig(
     ),
     schedule=ScheduleCfg(epochs=240, warmup_epochs=1.0, min_lr=1e-5, warmup_lr=0.0),
     ema=EmaCfg(enabled=False),
-    train=TrainCfg(amp="bf16", parallel="ddp", log_every=50),
+    train=TrainCfg(amp="bf16", parallel="ddp", log_every=50, task="mim"),
+    mim=MimCfg(
+        teacher_kind="open_clip",
+        teacher_name="EVA01-g-14",
+        teacher_pretrained="laion400m_s11b_b41k",
+        num_masking=105,
+        min_num=16,
+        min_aspect=0.3,
+    ),
 )
-
-mim = MimCfg(
-    teacher_kind="open_clip",
-    teacher_name="EVA01-g-14",
-    teacher_pretrained="laion400m_s11b_b41k",
-    num_masking=105,
-    min_num=16,
-    min_aspect=0.3,
-)
-task = MimTask(mim)

@@ -129,6 +129,34 @@ class TrainCfg:
     log_every: int = 10  # optimizer steps between metric lines
     max_steps: int = 0  # stop after this many optimizer steps (0: all epochs); for smoke runs
     threads: int = 0  # CPU threads per process for torch ops (0: torch's default); 1 avoids oversubscription
+    task: str = "classify"  # 'classify' (fine-tuning) or 'mim' (masked-image-modelling pre-training)
+
+
+TEACHER_KINDS = ("open_clip", "eva02")
+
+
+@dataclass(frozen=True)
+class MimCfg:
+    """Teacher and masking of a pre-training run (official recipe: EVA01-CLIP-g/14, 105 of 256 patches)."""
+
+    teacher_kind: str = "open_clip"  # 'open_clip' (EVA-CLIP towers) or 'eva02' (our models / checkpoints)
+    teacher_name: str = "EVA01-g-14"  # open_clip model name, or an eva02 zoo name / variant
+    # open_clip: a pretrained tag or a local file; eva02: '' random, 'pretrained' zoo weights, or a file
+    teacher_pretrained: str = "laion400m_s11b_b41k"
+    teacher_amp: str = "bf16"  # teacher autocast dtype on CUDA: 'bf16', 'fp16' or 'none'
+    target_dim: int = 0  # 0: the teacher's feature width (1024 for EVA01-CLIP-g)
+    num_masking: int = 105  # patches masked per image (for the 16x16 grid; scaled for other grids)
+    min_num: int = 16
+    max_num: int = 0  # 0: no cap beyond num_masking
+    min_aspect: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.teacher_kind not in TEACHER_KINDS:
+            raise ValueError(f"mim.teacher_kind must be one of {TEACHER_KINDS}, got {self.teacher_kind!r}")
+        if self.teacher_amp not in ("bf16", "fp16", "none"):
+            raise ValueError(f"mim.teacher_amp must be bf16, fp16 or none, got {self.teacher_amp!r}")
+        if self.num_masking <= 0 or self.min_num <= 0 or self.target_dim < 0 or self.max_num < 0:
+            raise ValueError("mim.num_masking and mim.min_num must be positive, target_dim and max_num >= 0")
 
 
 @dataclass(frozen=True)
@@ -140,11 +168,14 @@ class RunConfig:
     ema: EmaCfg = field(default_factory=EmaCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    mim: MimCfg = field(default_factory=MimCfg)  # used when train.task == 'mim'
 
     def __post_init__(self) -> None:
         problems = []
         if self.train.amp not in ("none", "bf16", "fp16"):
             problems.append(f"train.amp must be none, bf16 or fp16, got {self.train.amp!r}")
+        if self.train.task not in ("classify", "mim"):
+            problems.append(f"train.task must be classify or mim, got {self.train.task!r}")
         if self.train.parallel not in ("ddp", "fsdp"):
             problems.append(f"train.parallel must be ddp or fsdp, got {self.train.parallel!r}")
         for key in ("data.batch_size", "schedule.epochs", "train.log_every"):
@@ -312,12 +343,22 @@ def load_run(path: str | os.PathLike) -> tuple[RunConfig, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"config file {str(p)!r} does not exist; see configs/eva02/ for examples")
     if p.suffix == ".json":
-        return RunConfig.from_dict(json.loads(p.read_text())), None
+        cfg = RunConfig.from_dict(json.loads(p.read_text()))
+        return cfg, task_for(cfg)
     ns = runpy.run_path(str(p))
     cfg = ns.get("config")
     if not isinstance(cfg, RunConfig):
         raise ValueError(f"config file {str(p)!r} must define `config = RunConfig(...)`")
-    return cfg, ns.get("task")
+    return cfg, ns.get("task") or task_for(cfg)
+
+
+def task_for(cfg: RunConfig) -> Any:
+    """The task `train.task` names: a MimTask for 'mim', None (classification, the loop's default) otherwise."""
+    if cfg.train.task == "mim":
+        from eva02.engine.tasks_mim import MimTask  # imported here: it pulls in the teacher code
+
+        return MimTask()
+    return None
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:

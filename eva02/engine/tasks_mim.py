@@ -11,7 +11,6 @@ resumable and independent of the number of workers or processes, like every othe
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,37 +19,11 @@ import torch
 from torch import nn
 
 from eva02.data.masking import BlockMaskGenerator
-from eva02.engine.config import RunConfig
+from eva02.engine.config import TEACHER_KINDS, MimCfg, RunConfig  # noqa: F401 (re-exported)
 from eva02.engine.parallel import unwrap
 from eva02.engine.tasks import build_eva02, model_config
 from eva02.model.mim import Eva02MIM, cosine_loss
 from eva02.model.teacher import Eva02Teacher, FrozenTeacher, build_open_clip_teacher
-
-TEACHER_KINDS = ("open_clip", "eva02")
-
-
-@dataclass(frozen=True)
-class MimCfg:
-    """Teacher and masking of a pre-training run (official recipe: EVA01-CLIP-g/14, 105 of 256 patches)."""
-
-    teacher_kind: str = "open_clip"  # 'open_clip' (EVA-CLIP towers) or 'eva02' (our models / checkpoints)
-    teacher_name: str = "EVA01-g-14"  # open_clip model name, or an eva02 zoo name / variant
-    # open_clip: a pretrained tag or a local file; eva02: '' random, 'pretrained' zoo weights, or a file
-    teacher_pretrained: str = "laion400m_s11b_b41k"
-    teacher_amp: str = "bf16"  # teacher autocast dtype on CUDA: 'bf16', 'fp16' or 'none'
-    target_dim: int = 0  # 0: the teacher's feature width (1024 for EVA01-CLIP-g)
-    num_masking: int = 105  # patches masked per image (for the 16x16 grid; scaled for other grids)
-    min_num: int = 16
-    max_num: int = 0  # 0: no cap beyond num_masking
-    min_aspect: float = 0.3
-
-    def __post_init__(self) -> None:
-        if self.teacher_kind not in TEACHER_KINDS:
-            raise ValueError(f"mim.teacher_kind must be one of {TEACHER_KINDS}, got {self.teacher_kind!r}")
-        if self.teacher_amp not in ("bf16", "fp16", "none"):
-            raise ValueError(f"mim.teacher_amp must be bf16, fp16 or none, got {self.teacher_amp!r}")
-        if self.num_masking <= 0 or self.min_num <= 0 or self.target_dim < 0 or self.max_num < 0:
-            raise ValueError("mim.num_masking and mim.min_num must be positive, target_dim and max_num >= 0")
 
 
 class MaskedView:
@@ -136,8 +109,8 @@ class MimTask:
         self.patch_size = 0
 
     def settings(self, cfg: RunConfig) -> MimCfg:
-        """The run's MIM settings: the config's `mim` section when it has one, else this task's."""
-        return getattr(cfg, "mim", None) or self.mim or MimCfg()
+        """The run's MIM settings: those given to this task, else the config's `mim` section."""
+        return self.mim if self.mim is not None else cfg.mim
 
     def masks(self, cfg: RunConfig) -> BlockMaskGenerator:
         m = self.settings(cfg)

@@ -322,11 +322,14 @@ class Trainer:
         """Final weights (and EMA weights) in the package's safetensors format, loadable by get_model."""
         model_sd, _ = ckpt.gather_state(self.model, self.optimizer)
         if self.info.is_main:
+            # A task may train a wrapper (MIM: backbone + mask token + regressor) whose deliverable is
+            # the plain backbone; `export_model` picks it out so get_model can load the file.
+            export = getattr(self.task, "export_model", lambda m: m)
             plain = self.task.build_model(self.cfg, load_init=False)
             plain.load_state_dict(model_sd)
-            ckpt.save_weights(plain, self.work_dir / "final.safetensors")
+            ckpt.save_weights(export(plain), self.work_dir / "final.safetensors")
             if self.ema is not None:
-                ckpt.save_weights(self.ema.module, self.work_dir / "final_ema.safetensors")
+                ckpt.save_weights(export(self.ema.module), self.work_dir / "final_ema.safetensors")
         barrier()
 
 
