@@ -122,6 +122,8 @@ def cmd_speed(a: argparse.Namespace) -> None:
     if a.before:
         fns[f"ours@{a.before}"] = wrap(model_at(a.before, ours))
     if a.compile:
+        if a.freezing:  # inference-only: constant-fold the weights and prepack them for oneDNN linears
+            torch._inductor.config.freezing = True
         c_ours = torch.compile(ours)
         c_tm = torch.compile(tm)
         for f in (c_ours, c_tm):  # compile outside the timed rounds
@@ -165,21 +167,33 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def saved_bytes(model: torch.nn.Module, fn: Callable[[], object]) -> int:
-    """Bytes of the distinct tensor storages that autograd saves for backward while fn runs, parameters excluded.
+    """Bytes of the distinct tensor storages kept for backward while fn runs, parameters excluded.
 
-    This is the activation memory of a training step, counted exactly and independent of the allocator.
+    Autograd's saved tensors are seen through `saved_tensors_hooks`. Under gradient checkpointing the
+    checkpoint keeps each block's input itself (its own hooks hide the block's internals, which are
+    recomputed), so block inputs are counted too when checkpointing is on. This is the activation memory
+    of a training step, counted exactly and independent of the allocator.
     """
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def note(t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
         if st.data_ptr() not in params:
             seen[st.data_ptr()] = st.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
+    def note_input(_block: torch.nn.Module, args: tuple) -> None:
+        note(args[0])
+
+    ckpt = bool(getattr(model, "grad_checkpointing", False))
+    hooks = [b.register_forward_pre_hook(note_input) for b in model.blocks] if ckpt else []
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(note, lambda t: t):
+            out = fn()
+    finally:
+        for h in hooks:
+            h.remove()
     del out
     return sum(seen.values())
 
@@ -273,6 +287,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=1)
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--freezing", action="store_true", help="speed --compile: torch._inductor.config.freezing")
     ap.add_argument("--before", metavar="REV", help="also time our blocks as of this git revision")
     ap.add_argument("--train", action="store_true", help="ops: profile a training step")
     ap.add_argument("--inference-mode", action="store_true", help="speed: torch.inference_mode, not no_grad")

@@ -132,7 +132,9 @@ class Eva02(nn.Module):
         tables = self._rope_cache.get(key)
         if tables is None:
             c = self.cfg
-            tables = rope_tables(grid, c.head_dim, c.ref_grid, c.rope_theta, num_prefix=1, device=device)
+            # Normal tensors even when first built under inference_mode, so a later training step may save them.
+            with torch.inference_mode(False):
+                tables = rope_tables(grid, c.head_dim, c.ref_grid, c.rope_theta, num_prefix=1, device=device)
             self._rope_cache[key] = tables
         return tables
 
@@ -147,7 +149,8 @@ class Eva02(nn.Module):
         pos = self._pos_cache.get(key)
         if pos is None:
             self._pos_cache.clear()  # one stale grid at a time is enough
-            pos = resample_pos_embed(self.pos_embed.detach(), native, grid)
+            with torch.inference_mode(False):
+                pos = resample_pos_embed(self.pos_embed.detach(), native, grid)
             self._pos_cache[key] = pos
         return pos
 
@@ -168,7 +171,7 @@ class Eva02(nn.Module):
             w = mask.unsqueeze(-1).type_as(x)
             x = x * (1.0 - w) + mask_token.to(x.dtype) * w
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+N, D)
-        return x + self.pos_embed_for(grid).to(x.dtype)
+        return x.add_(self.pos_embed_for(grid).to(x.dtype))  # in place: cat's output is fresh and not saved
 
     def _run_block(self, blk: Block, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
