@@ -121,6 +121,9 @@ def class_names_for(num_classes: int, class_names: Sequence[str] | None = None) 
     return [f"class_{i}" for i in range(num_classes)]
 
 
+AUTOCAST_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Predictor:
     """A classifier loaded once, with its preprocessing; predicts images or preprocessed batches."""
 
@@ -135,9 +138,16 @@ class Predictor:
         class_names: Sequence[str] | None = None,
         batch_size: int = 16,
         amp: bool = False,
+        dtype: str | None = None,
+        compile: bool = False,
+        threads: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
         self.model, self.preprocess = load_for_inference(
             model, checkpoint=checkpoint, device=device, preprocess=preprocess, img_size=img_size, need_head=True
         )
@@ -145,14 +155,34 @@ class Predictor:
         self.transform = eval_transform(self.preprocess)
         self.class_names = class_names_for(self.model.cfg.num_classes, class_names)
         self.batch_size = batch_size
-        self.amp = amp  # bfloat16 autocast: faster on GPUs, probabilities differ at ~1e-3
+        self.set_dtype("bf16" if amp and dtype is None else dtype)
+        # torch.compile specialises on the input shape: the grid is fixed per model, so at most the last,
+        # smaller batch of a run compiles a second graph.
+        self.forward = torch.compile(self.model) if compile else self.model
+
+    def set_dtype(self, dtype: str | None) -> None:
+        """Compute precision: None/'fp32', or 'bf16' / 'fp16' autocast (fp16 on CUDA only)."""
+        if dtype not in AUTOCAST_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(k for k in AUTOCAST_DTYPES if k)}, got {dtype!r}")
+        if dtype == "fp16" and self.device.type != "cuda":
+            raise ValueError("dtype 'fp16' needs a CUDA device; on CPU use 'bf16' or 'fp32'")
+        self.autocast_dtype = AUTOCAST_DTYPES[dtype]
+
+    @property
+    def amp(self) -> bool:
+        return self.autocast_dtype is not None
+
+    @amp.setter
+    def amp(self, on: bool) -> None:  # bfloat16 autocast: faster on GPUs, probabilities differ at ~1e-3
+        self.set_dtype("bf16" if on else None)
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         """Preprocessed images (B, 3, S, S) -> class probabilities (B, C) float32."""
         x = batch.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.model(x)  # (B, C)
+        dt = self.autocast_dtype
+        with torch.autocast(self.device.type, dtype=dt or torch.bfloat16, enabled=dt is not None):
+            logits = self.forward(x)  # (B, C)
         return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
     def result(self, probs: np.ndarray, topk: int = 5) -> dict[str, Any]:
@@ -189,13 +219,21 @@ def inference_model(
     batch_size: int = 16,
     preprocess: Preprocess | None = None,
     class_names: Sequence[str] | None = None,
+    dtype: str | None = None,
+    compile: bool = False,
+    threads: int | None = None,
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """Classify one image (-> dict) or a list of images (-> list of dicts) with a zoo name or a model.
 
     Each dict: pred_label (int), pred_score (float), pred_class (str), pred_scores (float32 array of
-    all class probabilities) and topk [(label, class, score), ...] sorted by score.
+    all class probabilities) and topk [(label, class, score), ...] sorted by score. `dtype` 'bf16' or
+    'fp16' (CUDA) runs under autocast, `compile=True` through torch.compile, `threads` sets torch's
+    CPU thread count.
     """
-    predictor = Predictor(model, device=device, preprocess=preprocess, class_names=class_names, batch_size=batch_size)
+    predictor = Predictor(
+        model, device=device, preprocess=preprocess, class_names=class_names, batch_size=batch_size,
+        dtype=dtype, compile=compile, threads=threads,
+    )  # fmt: skip
     if isinstance(image, (list, tuple)):
         return predictor.predict(list(image), topk)
     return predictor.predict([image], topk)[0]

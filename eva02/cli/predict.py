@@ -126,7 +126,14 @@ def register(subparsers) -> None:
     p.add_argument("--topk", "-k", type=int, default=5, metavar="K", help="classes to show per image (5)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
     p.add_argument("--out", metavar="DIR", help="write each image with its top-k bars drawn under it into DIR")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (faster on GPUs; scores differ ~1e-3)")
+    p.add_argument("--amp", action="store_true", help="same as --dtype bf16")
+    p.add_argument(
+        "--dtype", choices=("fp32", "bf16", "fp16"), help="compute precision (bf16/fp16 autocast; fp16 needs CUDA)"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="run the model through torch.compile (pays off on many images)"
+    )
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=run)
 
 
@@ -157,8 +164,10 @@ def run(args: argparse.Namespace) -> int:
     check_batching(args)
     paths = collect_paths(args)
     model, pre = load_model_from_args(args, need_head=True)
-    predictor = Predictor(model, preprocess=pre, batch_size=args.batch_size)
-    predictor.amp = args.amp
+    dtype = args.dtype or ("bf16" if args.amp else None)
+    predictor = Predictor(
+        model, preprocess=pre, batch_size=args.batch_size, dtype=dtype, compile=args.compile, threads=args.threads
+    )
     out_dir = Path(args.out) if args.out else None
     names = output_names(paths) if out_dir else []
     failed = 0
