@@ -14,8 +14,9 @@ alike; the reported numbers are medians over rounds.
 
 Activation memory is counted exactly: the distinct storages autograd saves for backward during one
 training forward (parameters excluded), via `torch.autograd.graph.saved_tensors_hooks`; it does not
-depend on the C allocator's caching. `--rss` adds the peak RSS of a fresh process per model that builds
-it and runs two full training steps (an upper bound that includes the allocator's cached pages).
+depend on the C allocator's caching. `--rss` adds, from a fresh process per model, the RSS before a training step
+(after one warm-up step) and the step's peak RSS (VmHWM reset through /proc/self/clear_refs); RSS
+includes pages the C allocator keeps cached, so it is an upper bound.
 """
 
 from __future__ import annotations
@@ -199,19 +200,24 @@ def saved_bytes(model: torch.nn.Module, fn: Callable[[], object]) -> int:
 
 
 RSS_CODE = """
-import resource, sys, torch
+import gc, sys, torch
 sys.path.insert(0, "benchmarks")
 import profile_model as p
+def kib(field):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
 torch.set_num_threads({threads})
 tm, ours = p.build_pair({size!r}, {img}, depth={depth})
 m = {which}
 del tm, ours
+gc.collect()
 m.set_grad_checkpointing({ckpt})
 x, y = torch.randn({batch}, 3, {img}, {img}), torch.randint(0, 1000, ({batch},))
 step = p.train_step_fn(m, x, y)
-for _ in range(2):
-    step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+step()  # optimizer state exists from here on
+base = kib("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark (VmHWM)
+step()
+print(base, kib("VmHWM:"))
 """
 
 
@@ -231,7 +237,7 @@ def cmd_memory(a: argparse.Namespace) -> None:
             m.set_grad_checkpointing(False)
     if not a.rss:
         return
-    print("peak RSS of a fresh process: build, two training steps (forward, backward, AdamW)")
+    print("fresh process per model: RSS before a training step (model, grads freed, AdamW state) and its peak")
     for name in ("timm", "ours"):
         for ckpt in (False, True):
             code = RSS_CODE.format(
@@ -239,7 +245,8 @@ def cmd_memory(a: argparse.Namespace) -> None:
                 which="tm" if name == "timm" else "ours",
             )  # fmt: skip
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-            print(f"  {name:14s} grad-checkpointing={int(ckpt)}  {int(out.stdout.split()[-1]) / 1024:9.1f} MiB")
+            base, peak = (int(v) / 1024 for v in out.stdout.split()[-2:])
+            print(f"  {name:14s} grad-checkpointing={int(ckpt)}  before {base:8.1f} MiB  peak {peak:8.1f} MiB")
 
 
 def cmd_ops(a: argparse.Namespace) -> None:
