@@ -54,8 +54,9 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, bias).view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, h, hd)
         if rope is None:
             q, k = qkv[:, :, 0], qkv[:, :, 1]
-        elif traced():
-            # Real arithmetic for compilers and exporters (no complex dtype); the compiler fuses it.
+        elif traced() or qkv.dtype not in (torch.float32, torch.float64):
+            # Real arithmetic for compilers and exporters (no complex dtype; the compiler fuses it) and for
+            # half precision (bfloat16 has no complex counterpart; the product is taken in fp32 as before).
             cos, sin = (t[:, None, None, :] for t in rope)  # (T, 1, 1, hd)
             q, k = apply_rope(qkv[:, :, :2], cos, sin).unbind(2)  # (B, T, h, hd) each
         else:
