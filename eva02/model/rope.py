@@ -8,6 +8,9 @@ pair of channels. Positions of a grid of S rows are t = arange(S) / S * ref_grid
 The tables cover the class token too, with an identity rotation (cos 1, sin 0), so q and k of every
 token are rotated in one step without slicing or concatenation; x * 1 + y * 0 == x exactly, so the
 class token is untouched bit for bit.
+
+Eager code rotates in place with one complex product per pair (`rope_complex`, `rotate_pairs_`);
+`apply_rope` is the same rotation in real arithmetic, for compilers, exporters and half precision.
 """
 
 from __future__ import annotations
