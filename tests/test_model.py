@@ -147,3 +147,35 @@ def test_init_follows_official_scheme():
     s1 = m.blocks[0].attn.proj.weight.std().item()
     s4 = m.blocks[3].attn.proj.weight.std().item()
     assert s1 / s4 == pytest.approx(2.0, rel=0.1)
+
+
+def test_bf16_autocast_runs_and_stays_close():
+    m = make(10)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ref = m(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = m(x)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
+
+
+def test_training_after_inference_mode_call():
+    m = make(10)
+    x = torch.randn(2, 3, 84, 84)  # a non-native grid: both caches get filled under inference_mode
+    with torch.inference_mode():
+        m(x)
+    m.train()
+    m(x).sum().backward()  # would fail if a cached table were an inference tensor
+    assert m.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_compiled_gradients_equal_eager():
+    m = make(10).train()
+    x = torch.randn(2, 3, 56, 56)
+    m(x).square().sum().backward()
+    ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    torch.compile(m)(x).square().sum().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-5, rtol=1e-4, msg=n)

@@ -72,3 +72,14 @@ def test_tables_cover_prefix_with_identity():
     cos, sin = rope_tables((4, 5), 32, num_prefix=1)
     assert cos.shape == (1 + 20, 32) and sin.shape == (1 + 20, 32)
     assert torch.all(cos[0] == 1) and torch.all(sin[0] == 0)
+
+
+def test_in_place_complex_rotation_equals_real_form():
+    from eva02.model.rope import rope_complex, rotate_pairs_
+
+    cos, sin = rope_tables((6, 6), 64, num_prefix=1)
+    x = torch.randn(2, 3, 37, 64)
+    ref = apply_rope(x, cos, sin)
+    y = rotate_pairs_(x.clone(), rope_complex(cos, sin))
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
+    assert torch.equal(y[:, :, 0], x[:, :, 0]), "the class token's 1 + 0i entry must leave it bit-identical"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eva02.model.rope import apply_rope, rope_complex, rotate_pairs_
+from eva02.model.rope import RopeTables, apply_rope, rotate_pairs_
 
 
 def traced() -> bool:
@@ -48,7 +48,7 @@ class Attention(nn.Module):
         self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables | None) -> torch.Tensor:
         B, T, D = x.shape
         bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias).view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, h, hd)
@@ -57,12 +57,12 @@ class Attention(nn.Module):
         elif traced() or qkv.dtype not in (torch.float32, torch.float64):
             # Real arithmetic for compilers and exporters (no complex dtype; the compiler fuses it) and for
             # half precision (bfloat16 has no complex counterpart; the product is taken in fp32 as before).
-            cos, sin = (t[:, None, None, :] for t in rope)  # (T, 1, 1, hd)
+            cos, sin = rope.cos[:, None, None, :], rope.sin[:, None, None, :]  # (T, 1, 1, hd)
             q, k = apply_rope(qkv[:, :, :2], cos, sin).unbind(2)  # (B, T, h, hd) each
         else:
             # Eager: rotate q and k where they lie in the qkv output, one pass and no copies. Autograd
             # allows it: the linear does not save its output, and the rotation's backward needs only `rot`.
-            rotate_pairs_(qkv[:, :, :2], rope_complex(*rope)[:, None, None, :])
+            rotate_pairs_(qkv[:, :, :2], rope.rot[:, None, None, :])
             q, k = qkv[:, :, 0], qkv[:, :, 1]
         # SDPA reads the (B, h, T, hd) views through their strides, so the heads are never permuted into
         # a copy; its output is laid out (B, T, h, hd), so the merge of heads below is a view.
@@ -107,7 +107,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, hidden, sub_ln, eps)
         self.drop_path = drop_path
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables | None) -> torch.Tensor:
         # The residual sum lands in the branch output (fresh, and saved by no backward) rather than in a
         # new tensor; x itself is never modified, so callers may keep it.
         x = drop_path(self.attn(self.norm1(x), rope), self.drop_path, self.training).add_(x)

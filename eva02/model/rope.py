@@ -15,6 +15,8 @@ Eager code rotates in place with one complex product per pair (`rope_complex`, `
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -68,6 +70,14 @@ def swap_pairs(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (..., T, hd) with tables (T, hd) from `rope_tables`; result in x's dtype."""
     return (x * cos + swap_pairs(x) * sin).to(x.dtype)
+
+
+class RopeTables(NamedTuple):
+    """Per-grid RoPE tables, built once and shared by every block: the real form and its complex twin."""
+
+    cos: torch.Tensor  # (T, hd)
+    sin: torch.Tensor  # (T, hd), sign-folded (see `rope_tables`)
+    rot: torch.Tensor  # (T, hd/2) complex, from `rope_complex`
 
 
 def rope_complex(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

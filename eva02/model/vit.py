@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from eva02.model.config import Eva02Config
 from eva02.model.layers import Block, PatchEmbed
-from eva02.model.rope import rope_tables
+from eva02.model.rope import RopeTables, rope_complex, rope_tables
 
 OUT_TYPES = ("raw", "cls_token", "featmap", "avg_featmap")
 
@@ -56,7 +56,7 @@ class Eva02(nn.Module):
         self.fc_norm = nn.Identity() if headless else nn.LayerNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.grad_checkpointing = False
-        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_cache: dict[tuple, RopeTables] = {}
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
@@ -126,15 +126,16 @@ class Eva02(nn.Module):
             raise ValueError(f"input size {H}x{W} is not divisible by the patch size {p}; resize or pad it")
         return H // p, W // p
 
-    def rope_for(self, grid: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin tables for a grid, computed once per (grid, device) and reused by every block."""
+    def rope_for(self, grid: tuple[int, int], device: torch.device) -> RopeTables:
+        """RoPE tables (real and complex) for a grid, computed once per (grid, device), shared by every block."""
         key = (grid, device)
         tables = self._rope_cache.get(key)
         if tables is None:
             c = self.cfg
             # Normal tensors even when first built under inference_mode, so a later training step may save them.
             with torch.inference_mode(False):
-                tables = rope_tables(grid, c.head_dim, c.ref_grid, c.rope_theta, num_prefix=1, device=device)
+                cos, sin = rope_tables(grid, c.head_dim, c.ref_grid, c.rope_theta, num_prefix=1, device=device)
+                tables = RopeTables(cos, sin, rope_complex(cos, sin))
             self._rope_cache[key] = tables
         return tables
 
@@ -173,7 +174,7 @@ class Eva02(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+N, D)
         return x.add_(self.pos_embed_for(grid).to(x.dtype))  # in place: cat's output is fresh and not saved
 
-    def _run_block(self, blk: Block, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def _run_block(self, blk: Block, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(blk, x, rope, use_reentrant=False)
         return blk(x, rope)
