@@ -1,0 +1,60 @@
+"""A real open_clip EVA-CLIP tower (random weights: no download) as the MIM teacher."""
+
+import pytest
+import torch
+
+open_clip = pytest.importorskip("open_clip")
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    from eva02.model.teacher import build_open_clip_teacher
+
+    torch.manual_seed(0)
+    return build_open_clip_teacher("EVA02-B-16", "", amp_dtype=None)
+
+
+def test_targets_are_final_norm_patch_tokens_through_the_projection(teacher):
+    from eva02.model.teacher import align_tokens
+
+    x = torch.randn(2, 3, 224, 224)
+    out = teacher(x, grid=(16, 16))  # EVA02-CLIP-B/16 has a 14x14 grid; the student's is 16x16 (p14)
+    assert out.shape == (2, 256, 512) and teacher.out_dim == 512
+    trunk, head = teacher.net["trunk"], teacher.net["head"]
+    with torch.no_grad():
+        tokens = trunk.forward_features(x)[:, trunk.num_prefix_tokens :]  # (2, 196, 768)
+        ref = align_tokens(head(tokens), (14, 14), (16, 16))
+    torch.testing.assert_close(out, ref)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    teacher.train()
+    assert not teacher.training, "a teacher stays in eval mode"
+
+
+def test_mim_step_with_open_clip_teacher(teacher, tmp_path):
+    from PIL import Image
+    from skimage import data
+
+    from eva02.engine.config import DataCfg, MimCfg, ModelCfg, OptimCfg, RunConfig, ScheduleCfg, TrainCfg, task_for
+    from eva02.engine.train import train
+
+    folder = tmp_path / "photos" / "train"
+    folder.mkdir(parents=True)
+    for name in ("chelsea", "coffee"):
+        Image.fromarray(getattr(data, name)()).save(folder / f"{name}.png")
+    cfg = RunConfig(
+        model=ModelCfg(name="test", num_classes=0, img_size=56, patch_grad_scale=0.1),
+        data=DataCfg(root=str(tmp_path / "photos"), val_split="", batch_size=2, workers=0, randaug_n=0),
+        optim=OptimCfg(lr=1e-3, layer_decay=1.0, betas=(0.9, 0.98), eps=1e-6, clip_grad=3.0, global_batch=2),
+        schedule=ScheduleCfg(epochs=1, warmup_epochs=0.0),
+        train=TrainCfg(task="mim", threads=1),
+        mim=MimCfg(teacher_kind="open_clip", teacher_name="EVA02-B-16", teacher_pretrained="", teacher_amp="none"),
+    )
+    task = task_for(cfg)
+    out = train(cfg, tmp_path / "run", task=task)
+    assert out["global_step"] == 1
+    assert task.teacher.out_dim == 512
+    # the student's regressor maps to the teacher's width; the final file is the headless backbone
+    from eva02 import get_model
+
+    backbone = get_model(None, pretrained=tmp_path / "run" / "final.safetensors")
+    assert backbone.cfg.num_classes == 0 and backbone.cfg.dim == 128
