@@ -179,3 +179,13 @@ def test_compiled_gradients_equal_eager():
     torch.compile(m)(x).square().sum().backward()
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_uninitialized_model_loads_to_identical_outputs():
+    src = make(10)
+    empty = Eva02.uninitialized(src.cfg).eval()
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in (blk.attn.k_bias for blk in empty.blocks))
+    empty.load_state_dict(src.state_dict(), strict=True)
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(empty(x), src(x))

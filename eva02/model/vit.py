@@ -61,6 +61,16 @@ class Eva02(nn.Module):
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
+    @classmethod
+    def uninitialized(cls, cfg: Eva02Config, device: torch.device | str = "cpu") -> Eva02:
+        """Allocated but not initialised, for loading a complete state dict (skips a costly random init)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device=device)
+        for blk in model.blocks:  # the only buffers: constant zeros that no checkpoint carries
+            blk.attn.k_bias.zero_()
+        return model
+
     # ----------------------------------------------------------------------------------- set-up
     @torch.no_grad()
     def init_weights(self) -> None:

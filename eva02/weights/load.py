@@ -155,7 +155,7 @@ def load_model(path: PathLike, device: str | torch.device | None = None) -> Eva0
             f"{path} is not an eva02 checkpoint (no config in its metadata); load it with "
             "get_model(NAME, pretrained=path) or convert it with `eva02 convert SRC DST --model NAME`"
         )
-    model = load_checkpoint(Eva02(cfg), path, fmt="eva02")
+    model = load_checkpoint(Eva02.uninitialized(cfg), path, fmt="eva02")
     return model.to(device).eval() if device is not None else model.eval()
 
 
@@ -310,7 +310,7 @@ def get_model(
     # Official files may hold both weight sets: by default take the ones the official README reports.
     sd = _read_ours(path, fmt, cfg, use_ema, None, prefer_ema=entry.official_ema if entry is not None else True)
     have = num_classes_of(sd)
-    net = Eva02(cfg.replace(num_classes=have))
+    net = Eva02.uninitialized(cfg.replace(num_classes=have))  # every tensor comes from the checkpoint
     _load_strict(net, fit_to_config(sd, net.cfg))
     if num_classes is not None and num_classes != have:
         if num_classes == 0:
