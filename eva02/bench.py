@@ -473,6 +473,9 @@ def run_benchmark(
                 log(f"{name}: memory")
             res["memory"] = _memory_all(size, impls, grad_ckpt, device, dtype, extra_path, batch or size.batch)
         report["results"][name] = add_derived(res, peak)
+        # Compiled graphs keep their models alive; drop them before the next (bigger) size.
+        torch._dynamo.reset()
+        gc.collect()
     return report
 
 
