@@ -189,3 +189,20 @@ def test_uninitialized_model_loads_to_identical_outputs():
     x = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
         assert torch.equal(empty(x), src(x))
+
+
+def test_compiled_model_does_not_recompile_on_the_second_call():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    m = make(10)
+    compiled = torch.compile(m)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        first = compiled(x)
+        second = compiled(x)
+        ref = m(x)
+    assert counters["stats"]["unique_graphs"] == 1, "the RoPE/position caches must not invalidate the graph"
+    torch.testing.assert_close(first, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(second, first)

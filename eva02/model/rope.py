@@ -77,7 +77,7 @@ class RopeTables(NamedTuple):
 
     cos: torch.Tensor  # (T, hd)
     sin: torch.Tensor  # (T, hd), sign-folded (see `rope_tables`)
-    rot: torch.Tensor  # (T, hd/2) complex, from `rope_complex`
+    rot: torch.Tensor | None  # (T, hd/2) complex, from `rope_complex`; None in compiled graphs
 
 
 def rope_complex(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

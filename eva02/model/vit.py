@@ -137,11 +137,18 @@ class Eva02(nn.Module):
         return H // p, W // p
 
     def rope_for(self, grid: tuple[int, int], device: torch.device) -> RopeTables:
-        """RoPE tables (real and complex) for a grid, computed once per (grid, device), shared by every block."""
+        """RoPE tables (real and complex) for a grid, computed once per (grid, device), shared by every block.
+
+        Under torch.compile / torch.export the real tables are built inside the graph (constants the
+        compiler folds) instead: reading and filling the dict would make the second call recompile.
+        """
+        c = self.cfg
+        if torch.compiler.is_compiling():
+            cos, sin = rope_tables(grid, c.head_dim, c.ref_grid, c.rope_theta, num_prefix=1, device=device)
+            return RopeTables(cos, sin, None)  # compiled code takes the real form (see layers.traced)
         key = (grid, device)
         tables = self._rope_cache.get(key)
         if tables is None:
-            c = self.cfg
             # Normal tensors even when first built under inference_mode, so a later training step may save them.
             with torch.inference_mode(False):
                 cos, sin = rope_tables(grid, c.head_dim, c.ref_grid, c.rope_theta, num_prefix=1, device=device)
@@ -154,8 +161,8 @@ class Eva02(nn.Module):
         native = (self.cfg.grid, self.cfg.grid)
         if grid == native:
             return self.pos_embed
-        if torch.is_grad_enabled() and self.pos_embed.requires_grad:
-            return resample_pos_embed(self.pos_embed, native, grid)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self.pos_embed.requires_grad):
+            return resample_pos_embed(self.pos_embed, native, grid)  # no cache: see rope_for
         key = (grid, self.pos_embed.device, self.pos_embed.dtype, self.pos_embed._version)
         pos = self._pos_cache.get(key)
         if pos is None:
