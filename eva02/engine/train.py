@@ -316,7 +316,8 @@ class Trainer:
                 self.save(best=is_best)
         self.write_final()
         self.log.close()
-        return {**metrics, "global_step": self.global_step, "best_top1": self.best}
+        best = self.best if math.isfinite(self.best) else None  # None: the run had no evaluation (e.g. MIM)
+        return {**metrics, "global_step": self.global_step, "best_top1": best}
 
     def write_final(self) -> None:
         """Final weights (and EMA weights) in the package's safetensors format, loadable by get_model."""
