@@ -52,21 +52,22 @@ class Attention(nn.Module):
         B, T, D = x.shape
         bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias).view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, h, hd)
-        if rope is None:
-            q, k = qkv[:, :, 0], qkv[:, :, 1]
-        elif traced() or qkv.dtype not in (torch.float32, torch.float64):
+        if rope is not None and (traced() or qkv.dtype not in (torch.float32, torch.float64)):
             # Real arithmetic for compilers and exporters (no complex dtype; the compiler fuses it) and for
             # half precision (bfloat16 has no complex counterpart; the product is taken in fp32 as before).
             cos, sin = rope.cos[:, None, None, :], rope.sin[:, None, None, :]  # (T, 1, 1, hd)
             q, k = apply_rope(qkv[:, :, :2], cos, sin).unbind(2)  # (B, T, h, hd) each
+            v = qkv[:, :, 2]
         else:
-            # Eager: rotate q and k where they lie in the qkv output, one pass and no copies. Autograd
-            # allows it: the linear does not save its output, and the rotation's backward needs only `rot`.
-            rotate_pairs_(qkv[:, :, :2], rope.rot[:, None, None, :])
-            q, k = qkv[:, :, 0], qkv[:, :, 1]
+            if rope is not None:
+                # Eager: rotate q and k where they lie in the qkv output, one pass and no copies. Autograd
+                # allows it: the linear does not save its output; the rotation's backward needs only `rot`.
+                rotate_pairs_(qkv[:, :, :2], rope.rot[:, None, None, :])
+            # unbind: in backward one stacked gradient, instead of three zero-filled full-size ones
+            q, k, v = qkv.unbind(2)  # (B, T, h, hd) each
         # SDPA reads the (B, h, T, hd) views through their strides, so the heads are never permuted into
         # a copy; its output is laid out (B, T, h, hd), so the merge of heads below is a view.
-        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2))
+        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
