@@ -20,8 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from eva02.weights.zoo import CLIP_MEAN, CLIP_STD  # the one definition of the CLIP statistics
 
 
 @dataclass(frozen=True)
