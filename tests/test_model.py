@@ -206,3 +206,38 @@ def test_compiled_model_does_not_recompile_on_the_second_call():
     assert counters["stats"]["unique_graphs"] == 1, "the RoPE/position caches must not invalidate the graph"
     torch.testing.assert_close(first, ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(second, first)
+
+
+@pytest.mark.parametrize("sub_ln", [False, True])
+def test_shared_inference_buffers_change_nothing(sub_ln, monkeypatch):
+    from eva02.model import layers
+
+    m = make(10, sub_ln=sub_ln)
+    x = torch.randn(2, 3, 56, 42)
+    with torch.no_grad():
+        m.reuse_buffers = False
+        ref_final, ref_feats = m.forward_intermediates(x, output_fmt="NLC")
+        ref_logits = m(x)
+    made = []
+    init = layers.Workspace.__init__
+
+    def counted(self):
+        init(self)
+        made.append(self)
+
+    monkeypatch.setattr(layers.Workspace, "__init__", counted)
+    m.reuse_buffers = True
+    with torch.inference_mode():
+        final, feats = m.forward_intermediates(x, output_fmt="NLC")
+        logits = m(x)
+    # one workspace per forward, holding exactly the two shared outputs, reused by every block
+    assert len(made) == 2 and all(sorted(w._bufs) == ["qkv", "w12"] for w in made)
+    # bit-identical, and intermediates kept from earlier blocks are not overwritten by later ones
+    assert torch.equal(logits, ref_logits) and torch.equal(final, ref_final)
+    assert all(torch.equal(a, b) for a, b in zip(feats, ref_feats))
+    # never while autograd records, under autocast, or on other devices
+    assert not layers.Workspace.usable(x.requires_grad_())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layers.Workspace.usable(x)
+    with torch.no_grad():
+        assert layers.Workspace.usable(x) and not layers.Workspace.usable(x.to("meta"))

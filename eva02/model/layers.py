@@ -20,6 +20,41 @@ def traced() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+class Workspace:
+    """Output buffers shared by the blocks of one inference forward on CPU.
+
+    The two widest linear outputs of a block (qkv: 3D columns, SwiGLU's w12: 2H) are consumed inside
+    the block, so every block can write them into the same memory. A fresh tensor of that size would
+    be new pages from the C allocator each time, each one faulted in by the bias copy that precedes
+    the GEMM; on CPU that first touch costs as much as a sixth of the GEMM itself. One workspace lives
+    for one forward call (see `Eva02.forward_tokens`), so nothing is shared between threads or calls,
+    and it is only used where autograd records nothing (outputs written in place are never saved).
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def usable(x: torch.Tensor) -> bool:
+        """Whether a forward on `x` may write linear outputs into reused buffers."""
+        return (
+            x.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and not traced()
+            and not torch.is_autocast_enabled("cpu")
+        )
+
+    def linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """`F.linear(x, weight, bias)` written into this workspace's buffer `name` (valid until reused)."""
+        rows = x.numel() // x.shape[-1]
+        shape = (rows, weight.shape[0])
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != x.dtype:
+            buf = self._bufs[name] = torch.empty(shape, dtype=x.dtype, device=x.device)
+        torch.addmm(bias, x.reshape(rows, x.shape[-1]), weight.t(), out=buf)
+        return buf.view(*x.shape[:-1], weight.shape[0])
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> D-dim tokens, row-major."""
 
@@ -48,10 +83,11 @@ class Attention(nn.Module):
         self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: RopeTables | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables | None, ws: Workspace | None = None) -> torch.Tensor:
         B, T, D = x.shape
         bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias).view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, h, hd)
+        qkv = F.linear(x, self.qkv.weight, bias) if ws is None else ws.linear("qkv", x, self.qkv.weight, bias)
+        qkv = qkv.view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, h, hd)
         if rope is not None and (traced() or qkv.dtype not in (torch.float32, torch.float64)):
             # Real arithmetic for compilers and exporters (no complex dtype; the compiler fuses it) and for
             # half precision (bfloat16 has no complex counterpart; the product is taken in fp32 as before).
@@ -80,8 +116,9 @@ class SwiGLU(nn.Module):
         self.norm = nn.LayerNorm(hidden, eps=eps) if sub_ln else nn.Identity()
         self.w3 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.w12(x).chunk(2, dim=-1)  # (B, T, H) views of one (B, T, 2H) output
+    def forward(self, x: torch.Tensor, ws: Workspace | None = None) -> torch.Tensor:
+        x = self.w12(x) if ws is None else ws.linear("w12", x, self.w12.weight, self.w12.bias)
+        gate, value = x.chunk(2, dim=-1)  # (B, T, H) views of one (B, T, 2H) output
         if gate.requires_grad or traced():
             h = F.silu(gate) * value
         else:  # no autograd: gate in place inside w12's output, saving two (B, T, H) allocations
@@ -108,8 +145,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, hidden, sub_ln, eps)
         self.drop_path = drop_path
 
-    def forward(self, x: torch.Tensor, rope: RopeTables | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables | None, ws: Workspace | None = None) -> torch.Tensor:
         # The residual sum lands in the branch output (fresh, and saved by no backward) rather than in a
-        # new tensor; x itself is never modified, so callers may keep it.
-        x = drop_path(self.attn(self.norm1(x), rope), self.drop_path, self.training).add_(x)
-        return drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training).add_(x)
+        # new tensor; x itself is never modified, so callers may keep it. `ws`: see Workspace.
+        x = drop_path(self.attn(self.norm1(x), rope, ws), self.drop_path, self.training).add_(x)
+        return drop_path(self.mlp(self.norm2(x), ws), self.drop_path, self.training).add_(x)

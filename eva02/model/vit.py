@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from eva02.model.config import Eva02Config
-from eva02.model.layers import Block, PatchEmbed
+from eva02.model.layers import Block, PatchEmbed, Workspace
 from eva02.model.rope import RopeTables, rope_complex, rope_tables
 
 OUT_TYPES = ("raw", "cls_token", "featmap", "avg_featmap")
@@ -56,6 +56,7 @@ class Eva02(nn.Module):
         self.fc_norm = nn.Identity() if headless else nn.LayerNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.grad_checkpointing = False
+        self.reuse_buffers = True  # CPU inference: blocks share their widest outputs (layers.Workspace)
         self._rope_cache: dict[tuple, RopeTables] = {}
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         if not any(p.is_meta for p in self.parameters()):
@@ -191,17 +192,18 @@ class Eva02(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+N, D)
         return x.add_(self.pos_embed_for(grid).to(x.dtype))  # in place: cat's output is fresh and not saved
 
-    def _run_block(self, blk: Block, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    def _run_block(self, blk: Block, x: torch.Tensor, rope: RopeTables, ws: Workspace | None = None) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(blk, x, rope, use_reentrant=False)
-        return blk(x, rope)
+        return blk(x, rope, ws)
 
     def forward_tokens(self, x: torch.Tensor, grid: tuple[int, int], indices: Sequence[int] = ()):
         """Run all blocks on tokens; return final raw tokens and the raw outputs of blocks in `indices`."""
         rope = self.rope_for(grid, x.device)
+        ws = Workspace() if self.reuse_buffers and Workspace.usable(x) else None
         keep = {}
         for i, blk in enumerate(self.blocks):
-            x = self._run_block(blk, x, rope)
+            x = self._run_block(blk, x, rope, ws)
             if i in indices:
                 keep[i] = x
         return x, [keep[i] for i in indices]
