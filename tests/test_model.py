@@ -234,7 +234,7 @@ def test_shared_inference_buffers_change_nothing(sub_ln, monkeypatch):
     assert len(made) == 2 and all(sorted(w._bufs) == ["qkv", "w12"] for w in made)
     # bit-identical, and intermediates kept from earlier blocks are not overwritten by later ones
     assert torch.equal(logits, ref_logits) and torch.equal(final, ref_final)
-    assert all(torch.equal(a, b) for a, b in zip(feats, ref_feats))
+    assert all(torch.equal(a, b) for a, b in zip(feats, ref_feats, strict=True))
     # never while autograd records, under autocast, or on other devices
     assert not layers.Workspace.usable(x.requires_grad_())
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
