@@ -100,3 +100,25 @@ def test_official_layout_through_timm_converter(size: str, classes: int) -> None
             torch.testing.assert_close(ours(x), tm(x), atol=ATOL, rtol=0)
         else:
             torch.testing.assert_close(ours.forward_features(x), tm.fc_norm(tm.forward_features(x)), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("size", ["tiny", "base"])
+def test_training_gradients(size: str) -> None:
+    """One training step's loss and every parameter gradient equal timm's (eager autograd path)."""
+    tm = _timm_model(size, 10).train()
+    ours = _ours_from(tm, size, 10).train()
+    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([3, 7])
+    losses = []
+    for m in (tm, ours):
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=0)
+    cfg = small_cfg(size, 10, depth=2, img_size=112)
+    expected = to_ours({n: p.grad for n, p in tm.named_parameters()}, "timm", cfg)
+    got = {n: p.grad for n, p in ours.named_parameters()}
+    assert sorted(got) == sorted(expected)
+    for name, g in got.items():
+        torch.testing.assert_close(g, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert max(g.abs().max().item() for g in got.values()) > 1e-3

@@ -83,3 +83,26 @@ def test_in_place_complex_rotation_equals_real_form():
     y = rotate_pairs_(x.clone(), rope_complex(cos, sin))
     torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
     assert torch.equal(y[:, :, 0], x[:, :, 0]), "the class token's 1 + 0i entry must leave it bit-identical"
+
+
+def test_training_functions_pass_gradcheck():
+    """The hand-written backwards of the training forms of RoPE+split and the SwiGLU gate."""
+    from eva02.model.layers import _RotateSplit, _SiluGate
+    from eva02.model.rope import rope_complex, rope_tables
+
+    g = torch.Generator().manual_seed(0)
+    T, h, hd = 5, 2, 8  # grid 2x2 plus the class token
+    cos, sin = rope_tables((2, 2), hd, ref_grid=2, num_prefix=1, dtype=torch.float64)
+    rot = rope_complex(cos, sin)[:, None, :]  # (T, 1, hd/2)
+    qkv = torch.randn(2, T, 3, h, hd, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _RotateSplit.apply(t, rot), (qkv,))
+    # forward: q and k rotated as the real form does, v unchanged, all head-major (B, h, T, hd)
+    q, k, v = _RotateSplit.apply(qkv, rot)
+    ref = apply_rope(qkv[:, :, :2].detach(), cos[:, None, None, :], sin[:, None, None, :])
+    torch.testing.assert_close(q, ref[:, :, 0].transpose(1, 2))
+    torch.testing.assert_close(k, ref[:, :, 1].transpose(1, 2))
+    assert torch.equal(v, qkv[:, :, 2].detach().transpose(1, 2))
+    x12 = torch.randn(3, 4, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(_SiluGate.apply, (x12,))
+    gate, value = x12.detach().chunk(2, -1)
+    torch.testing.assert_close(_SiluGate.apply(x12), torch.nn.functional.silu(gate) * value)

@@ -55,6 +55,78 @@ class Workspace:
         return buf.view(*x.shape[:-1], weight.shape[0])
 
 
+def _pairs(x: torch.Tensor) -> torch.Tensor:
+    """x (..., hd) as hd/2 complex numbers (a + ib per interleaved pair); a view, no copy."""
+    return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+
+
+class _RotateSplit(torch.autograd.Function):
+    """Training form of RoPE: qkv (B, T, 3, h, hd) -> q, k rotated and v, each (B, h, T, hd).
+
+    The three outputs lie in one new (3, B, h, T, hd) buffer, head-major as attention reads them fastest,
+    written by one complex product (q and k) and one copy (v). The backward writes the three gradients
+    straight into one (B, T, 3, h, hd) gradient of qkv: no zero-filled full-size gradients per view, no
+    stacking, and none of the copies of the whole gradient that autograd makes for an in-place
+    rotation of a view.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _, h, hd = qkv.shape
+        out = qkv.new_empty(3, B, h, T, hd)
+        dst = out.permute(1, 3, 0, 2, 4)  # (B, T, 3, h, hd) view of the head-major buffer
+        torch.mul(_pairs(qkv[:, :, :2]), rot[:, None], out=_pairs(dst[:, :, :2]))  # rot: (T, 1, hd/2)
+        dst[:, :, 2].copy_(qkv[:, :, 2])
+        ctx.save_for_backward(rot)
+        ctx.shape = qkv.shape
+        return out[0], out[1], out[2]
+
+    @staticmethod
+    def backward(ctx, gq: torch.Tensor | None, gk: torch.Tensor | None, gv: torch.Tensor | None):
+        (rot,) = ctx.saved_tensors
+        like = next(g for g in (gq, gk, gv) if g is not None)
+        grad = like.new_empty(ctx.shape)
+        back = rot.conj()  # a rotation's transpose is the opposite rotation
+        for i, g in enumerate((gq, gk, gv)):
+            dst = grad[:, :, i]  # (B, T, h, hd)
+            if g is None:
+                dst.zero_()
+                continue
+            g = g.transpose(1, 2)
+            if i == 2:
+                dst.copy_(g)
+            else:
+                if g.stride(-1) != 1 or any(st % 2 for st in g.stride()[:-1]):
+                    g = g.contiguous()
+                torch.mul(_pairs(g), back, out=_pairs(dst))
+        return grad, None
+
+
+class _SiluGate(torch.autograd.Function):
+    """Training form of the SwiGLU gate: x12 (..., 2H) = [gate, value] -> silu(gate) * value (..., H).
+
+    Saves what autograd would (x12 and silu(gate)) and writes both input gradients into one (..., 2H)
+    tensor, so the split of x12 costs no concatenation of gradients in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x12: torch.Tensor) -> torch.Tensor:
+        gate, value = x12.chunk(2, dim=-1)
+        s = F.silu(gate)
+        ctx.save_for_backward(x12, s)
+        return s * value
+
+    @staticmethod
+    def backward(ctx, gh: torch.Tensor) -> torch.Tensor:
+        x12, s = ctx.saved_tensors
+        gate, value = x12.chunk(2, dim=-1)
+        grad = torch.empty_like(x12)
+        g_gate, g_value = grad.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(gh * value, gate, grad_input=g_gate)
+        torch.mul(gh, s, out=g_value)
+        return grad
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> D-dim tokens, row-major."""
 
@@ -94,10 +166,13 @@ class Attention(nn.Module):
             cos, sin = rope.cos[:, None, None, :], rope.sin[:, None, None, :]  # (T, 1, 1, hd)
             q, k = apply_rope(qkv[:, :, :2], cos, sin).unbind(2)  # (B, T, h, hd) each
             v = qkv[:, :, 2]
+        elif rope is not None and torch.is_grad_enabled() and qkv.requires_grad:
+            q, k, v = _RotateSplit.apply(qkv, rope.rot[:, None, :])  # (B, h, T, hd) each
+            x = F.scaled_dot_product_attention(q, k, v)  # (B, h, T, hd)
+            return self.proj(x.transpose(1, 2).reshape(B, T, D))
         else:
             if rope is not None:
-                # Eager: rotate q and k where they lie in the qkv output, one pass and no copies. Autograd
-                # allows it: the linear does not save its output; the rotation's backward needs only `rot`.
+                # Eager inference: rotate q and k where they lie in the qkv output, one pass and no copies.
                 rotate_pairs_(qkv[:, :, :2], rope.rot[:, None, None, :])
             # unbind: in backward one stacked gradient, instead of three zero-filled full-size ones
             q, k, v = qkv.unbind(2)  # (B, T, h, hd) each
@@ -118,8 +193,10 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, ws: Workspace | None = None) -> torch.Tensor:
         x = self.w12(x) if ws is None else ws.linear("w12", x, self.w12.weight, self.w12.bias)
+        if x.requires_grad and not traced():
+            return self.w3(self.norm(_SiluGate.apply(x)))
         gate, value = x.chunk(2, dim=-1)  # (B, T, H) views of one (B, T, 2H) output
-        if gate.requires_grad or traced():
+        if traced():
             h = F.silu(gate) * value
         else:  # no autograd: gate in place inside w12's output, saving two (B, T, H) allocations
             h = F.silu(gate, inplace=True).mul_(value)
@@ -146,7 +223,12 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor, rope: RopeTables | None, ws: Workspace | None = None) -> torch.Tensor:
-        # The residual sum lands in the branch output (fresh, and saved by no backward) rather than in a
-        # new tensor; x itself is never modified, so callers may keep it. `ws`: see Workspace.
-        x = drop_path(self.attn(self.norm1(x), rope, ws), self.drop_path, self.training).add_(x)
-        return drop_path(self.mlp(self.norm2(x), ws), self.drop_path, self.training).add_(x)
+        # Without autograd the residual sum lands in the branch output (fresh) rather than in a new
+        # tensor. With autograd it is a new tensor: the branch output of a linear on (B, T, D) is a view of
+        # a 2-D product, and an in-place sum on a view makes autograd copy and zero-fill whole gradients
+        # in backward. x itself is never modified, so callers may keep it. `ws`: see Workspace.
+        fresh = not torch.is_grad_enabled()
+        y = drop_path(self.attn(self.norm1(x), rope, ws), self.drop_path, self.training)
+        x = y.add_(x) if fresh else x + y
+        y = drop_path(self.mlp(self.norm2(x), ws), self.drop_path, self.training)
+        return y.add_(x) if fresh else x + y
