@@ -84,21 +84,16 @@ class _RotateSplit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gq: torch.Tensor | None, gk: torch.Tensor | None, gv: torch.Tensor | None):
         (rot,) = ctx.saved_tensors
-        like = next(g for g in (gq, gk, gv) if g is not None)
-        grad = like.new_empty(ctx.shape)
+        grad = rot.real.new_empty(ctx.shape)  # (B, T, 3, h, hd)
         back = rot.conj()  # a rotation's transpose is the opposite rotation
         for i, g in enumerate((gq, gk, gv)):
             dst = grad[:, :, i]  # (B, T, h, hd)
             if g is None:
                 dst.zero_()
-                continue
-            g = g.transpose(1, 2)
-            if i == 2:
-                dst.copy_(g)
-            else:
-                if g.stride(-1) != 1 or any(st % 2 for st in g.stride()[:-1]):
-                    g = g.contiguous()
-                torch.mul(_pairs(g), back, out=_pairs(dst))
+            elif i == 2:
+                dst.copy_(g.transpose(1, 2))
+            else:  # attention's gradients are dense in the last dim; .contiguous() is a no-op for them
+                torch.mul(_pairs(g.contiguous().transpose(1, 2)), back, out=_pairs(dst))
         return grad, None
 
 
@@ -122,7 +117,8 @@ class _SiluGate(torch.autograd.Function):
         gate, value = x12.chunk(2, dim=-1)
         grad = torch.empty_like(x12)
         g_gate, g_value = grad.chunk(2, dim=-1)
-        torch.ops.aten.silu_backward.grad_input(gh * value, gate, grad_input=g_gate)
+        torch.mul(gh, value, out=g_gate)
+        torch.ops.aten.silu_backward.grad_input(g_gate, gate, grad_input=g_gate)  # element-wise, in place
         torch.mul(gh, s, out=g_value)
         return grad
 
