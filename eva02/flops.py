@@ -63,6 +63,8 @@ _RULES = {
     aten.mm.default: ("matmul", _mm),
     aten.bmm.default: ("matmul", _mm),
     aten.addmm.default: ("matmul", _addmm),
+    aten.addmm.out: ("matmul", _addmm),  # CPU inference writes the widest linears into reused buffers
+    aten.mm.out: ("matmul", _mm),
     aten.baddbmm.default: ("matmul", _addmm),
     aten.convolution.default: ("conv", _conv),
     aten.native_layer_norm.default: ("norm", _layer_norm),
