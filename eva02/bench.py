@@ -247,7 +247,7 @@ def bench_size(
     if train:  # before inference: tables cached under inference_mode cannot be saved for backward
         y = torch.randint(0, cfg.num_classes, (B,), device=dev)
         amp = None if dtype == "fp32" else DTYPES[dtype]
-        out["train"] = _bench_train(models, x, y, rounds, warmup, amp, dev)
+        out["train"] = _bench_train(models, x, y, rounds, warmup, amp, dev, compile)
     out["infer"] = _bench_infer(models, x, rounds, warmup, compile, DTYPES[dtype], dev)
     return out
 
@@ -279,14 +279,16 @@ def _infer_fn(model: nn.Module, x: torch.Tensor, freeze: bool = False) -> Callab
     return run
 
 
-def _bench_train(models, x, y, rounds, warmup, amp, dev) -> dict:
+def _bench_train(models, x, y, rounds, warmup, amp, dev, compile: bool = False) -> dict:
     fns = {}
     for impl, m in models.items():
         m.train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
         fns[impl] = lambda m=m, opt=opt: _train_step(m, opt, x, y, amp)
+        if compile:  # the compiled module shares the parameters (and so the optimizer) of the eager one
+            fns[impl + "+compile"] = lambda m=torch.compile(m), opt=opt: _train_step(m, opt, x, y, amp)
     errors: dict[str, str] = {}
-    times = time_interleaved(fns, rounds, max(warmup, 1), dev, errors)
+    times = time_interleaved(fns, rounds, max(warmup, 2 if compile else 1), dev, errors)
     return {**{k: _summary(v, x.shape[0]) for k, v in times.items()}, **{k: {"error": e} for k, e in errors.items()}}
 
 

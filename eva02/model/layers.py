@@ -63,23 +63,23 @@ def _pairs(x: torch.Tensor) -> torch.Tensor:
 class _RotateSplit(torch.autograd.Function):
     """Training form of RoPE: qkv (B, T, 3, h, hd) -> q, k rotated and v, each (B, h, T, hd).
 
-    The three outputs lie in one new (3, B, h, T, hd) buffer, head-major as attention reads them fastest,
-    written by one complex product (q and k) and one copy (v). The backward writes the three gradients
-    straight into one (B, T, 3, h, hd) gradient of qkv: no zero-filled full-size gradients per view, no
-    stacking, and none of the copies of the whole gradient that autograd makes for an in-place
-    rotation of a view.
+    The three outputs lie in one new (3, B, T, h, hd) buffer, each dense, written by one complex product
+    (q and k) and one copy (v); attention then returns its output laid out (B, T, h, hd), so merging the
+    heads is a view, not one more saved copy. The backward writes the three gradients straight into one
+    (B, T, 3, h, hd) gradient of qkv: no zero-filled full-size gradients per view, no stacking, and none
+    of the copies of the whole gradient that autograd makes for an in-place rotation of a view.
     """
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _, h, hd = qkv.shape
-        out = qkv.new_empty(3, B, h, T, hd)
-        dst = out.permute(1, 3, 0, 2, 4)  # (B, T, 3, h, hd) view of the head-major buffer
+        out = qkv.new_empty(3, B, T, h, hd)
+        dst = out.permute(1, 2, 0, 3, 4)  # (B, T, 3, h, hd) view
         torch.mul(_pairs(qkv[:, :, :2]), rot[:, None], out=_pairs(dst[:, :, :2]))  # rot: (T, 1, hd/2)
         dst[:, :, 2].copy_(qkv[:, :, 2])
         ctx.save_for_backward(rot)
         ctx.shape = qkv.shape
-        return out[0], out[1], out[2]
+        return out[0].transpose(1, 2), out[1].transpose(1, 2), out[2].transpose(1, 2)
 
     @staticmethod
     def backward(ctx, gq: torch.Tensor | None, gk: torch.Tensor | None, gv: torch.Tensor | None):
@@ -90,10 +90,14 @@ class _RotateSplit(torch.autograd.Function):
             dst = grad[:, :, i]  # (B, T, h, hd)
             if g is None:
                 dst.zero_()
-            elif i == 2:
-                dst.copy_(g.transpose(1, 2))
-            else:  # attention's gradients are dense in the last dim; .contiguous() is a no-op for them
-                torch.mul(_pairs(g.contiguous().transpose(1, 2)), back, out=_pairs(dst))
+                continue
+            g = g.transpose(1, 2)  # attention returns gradients laid out as its inputs: dense here
+            if i == 2:
+                dst.copy_(g)
+            else:
+                if g.stride(-1) != 1 or any(st % 2 for st in g.stride()[:-1]):
+                    g = g.contiguous()
+                torch.mul(_pairs(g), back, out=_pairs(dst))
         return grad, None
 
 
@@ -160,21 +164,18 @@ class Attention(nn.Module):
             # Real arithmetic for compilers and exporters (no complex dtype; the compiler fuses it) and for
             # half precision (bfloat16 has no complex counterpart; the product is taken in fp32 as before).
             cos, sin = rope.cos[:, None, None, :], rope.sin[:, None, None, :]  # (T, 1, 1, hd)
-            q, k = apply_rope(qkv[:, :, :2], cos, sin).unbind(2)  # (B, T, h, hd) each
-            v = qkv[:, :, 2]
+            q, k = (t.transpose(1, 2) for t in apply_rope(qkv[:, :, :2], cos, sin).unbind(2))  # (B, h, T, hd)
+            v = qkv[:, :, 2].transpose(1, 2)
         elif rope is not None and torch.is_grad_enabled() and qkv.requires_grad:
             q, k, v = _RotateSplit.apply(qkv, rope.rot[:, None, :])  # (B, h, T, hd) each
-            x = F.scaled_dot_product_attention(q, k, v)  # (B, h, T, hd)
-            return self.proj(x.transpose(1, 2).reshape(B, T, D))
         else:
             if rope is not None:
                 # Eager inference: rotate q and k where they lie in the qkv output, one pass and no copies.
                 rotate_pairs_(qkv[:, :, :2], rope.rot[:, None, None, :])
-            # unbind: in backward one stacked gradient, instead of three zero-filled full-size ones
-            q, k, v = qkv.unbind(2)  # (B, T, h, hd) each
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, h, T, hd) views
         # SDPA reads the (B, h, T, hd) views through their strides, so the heads are never permuted into
-        # a copy; its output is laid out (B, T, h, hd), so the merge of heads below is a view.
-        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        # a copy; its output is laid out (B, T, h, hd) like q, so the merge of heads below is a view.
+        x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
