@@ -286,7 +286,8 @@ def _bench_train(models, x, y, rounds, warmup, amp, dev, compile: bool = False) 
         opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
         fns[impl] = lambda m=m, opt=opt: _train_step(m, opt, x, y, amp)
         if compile:  # the compiled module shares the parameters (and so the optimizer) of the eager one
-            fns[impl + "+compile"] = lambda m=torch.compile(m), opt=opt: _train_step(m, opt, x, y, amp)
+            compiled = torch.compile(m)
+            fns[impl + "+compile"] = lambda m=compiled, opt=opt: _train_step(m, opt, x, y, amp)
     errors: dict[str, str] = {}
     times = time_interleaved(fns, rounds, max(warmup, 2 if compile else 1), dev, errors)
     return {**{k: _summary(v, x.shape[0]) for k, v in times.items()}, **{k: {"error": e} for k, e in errors.items()}}
