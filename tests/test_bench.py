@@ -134,3 +134,10 @@ def test_cli_bench_rejects_bad_arguments(capsys):
     assert "unknown size 'huge-999'" in capsys.readouterr().err
     assert main(["bench", "--models", "test-56", "--dtype", "bf16"]) == 2
     assert "--device cuda" in capsys.readouterr().err
+
+
+def test_compiled_rows_for_inference_and_training():
+    res = bench.bench_size(bench.SIZES["test-56"], ("ours",), rounds=1, warmup=1, compile=True, train=True)
+    for mode in ("infer", "train"):
+        assert set(res[mode]) == {"ours", "ours+compile"}, res[mode]
+        assert all(e["img_s"] > 0 and len(e["times_s"]) == 1 for e in res[mode].values())
