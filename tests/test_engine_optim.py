@@ -124,3 +124,22 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path) -> None:
     last = torch.load(tmp_path / "wd" / "checkpoints" / "last.pt", weights_only=True)
     assert last["global_step"] == 2  # the checkpoint before the bad step is kept
     assert all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+def test_fused_adamw_by_default_with_the_same_updates() -> None:
+    from eva02.engine.optim import fusable
+
+    models = [_model(2), _model(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [build_optimizer(models[0], 1e-2, 0.05, 0.7, 2), build_optimizer(models[1], 1e-2, 0.05, 0.7, 2, fused=False)]
+    assert opts[0].defaults["fused"] is True and not opts[1].defaults["fused"]
+    start = {n: t.clone() for n, t in models[0].state_dict().items()}
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    for m, opt in zip(models, opts, strict=True):  # one step: later ones amplify rounding differences
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6, msg=name)
+    moved = [(a - start[n]).abs().max().item() for n, a in models[0].state_dict().items()]
+    assert max(moved) > 1e-3
+    assert not fusable(torch.zeros(2, dtype=torch.long)) and not fusable(torch.zeros(2, device="meta"))
