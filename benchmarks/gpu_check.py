@@ -1,11 +1,12 @@
 """GPU check and benchmark: bf16 numerics, SDPA flash, torch.compile and FSDP2 on one CUDA device.
 
 Runs ours and timm side by side on the same GPU in one process (timm is the reference implementation):
-- fp32 and bf16 parity of ours vs timm with identical random weights;
+- fp32 and bf16 parity of ours vs timm with identical random weights, and fp32 training gradients;
 - that our attention runs under the flash-attention SDPA backend in bf16;
 - inference img/s (bf16 weights, eager and torch.compile) and MFU against a bf16 matmul measured here;
 - a bf16-autocast training step (forward + backward + AdamW) img/s and peak memory;
-- FSDP2 (`fully_shard` per block) on a one-process group: one step, loss equal to the unsharded model's.
+- FSDP2 (`fully_shard` per block) on a one-process group: one step, loss equal to the unsharded model's;
+- small-336 compiled bf16, ours vs timm, with the top CUDA kernels of each (last: it compiles twice).
 Writes a JSON file (argument 1, default gpu_results.json). Usage: python benchmarks/gpu_check.py OUT.json
 """
 
@@ -96,6 +97,52 @@ def check_parity():
             out[f"{size}_bf16_autocast_max_abs"] = (a - b).abs().max().item()
             out[f"{size}_bf16_top1_agree"] = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     return out
+
+
+@section("train_grad_parity")
+def check_train_grads():
+    """fp32 training gradients of ours (its hand-written RoPE/split and gate backwards) vs timm's autograd."""
+    out = {}
+    for size, img in (("tiny", 336), ("base", 448)):
+        ours, ref, cfg = pair(size, img)
+        x = torch.randn(2, 3, img, img, device=DEV)
+        y = torch.randint(0, 1000, (2,), device=DEV)
+        for m in (ours, ref):
+            m.train()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+        theirs = to_ours({n: p.grad for n, p in ref.named_parameters()}, "timm", cfg)
+        diffs = {n: (p.grad - theirs[n]).abs().max().item() for n, p in ours.named_parameters()}
+        worst = max(diffs, key=diffs.get)
+        out[size] = {"max_abs_grad_diff": diffs[worst], "worst_param": worst}
+        del ours, ref
+    return out
+
+
+def kernel_table(fn, rows: int = 12) -> list[str]:
+    """Top CUDA kernels of one call of `fn` by total device time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="device_time_total", row_limit=rows, max_name_column_width=60)
+    return table.splitlines()
+
+
+@section("small_compiled_profile")
+def profile_small_compiled():
+    """small-336 compiled bf16, ours vs timm: img/s and the kernels behind any gap."""
+    ours, ref, cfg = pair("small", 336)
+    ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
+    x = torch.randn(32, 3, 336, 336, device=DEV, dtype=torch.bfloat16)
+    row = {}
+    for name, m in (("ours", torch.compile(ours)), ("timm", torch.compile(ref))):
+        with torch.inference_mode():
+            m(x)
+            sec = timed(lambda m=m: m(x), 20)
+            row[name] = {"img_s": 32 / sec, "kernels": kernel_table(lambda m=m: m(x))}
+    row["ratio"] = row["ours"]["img_s"] / row["timm"]["img_s"]
+    return row
 
 
 @section("sdpa_flash")
@@ -228,10 +275,12 @@ def main() -> None:
     RESULTS["bf16_matmul_peak_tflops"] = peak / 1e12
     print("peak", peak / 1e12, flush=True)
     check_parity()
+    check_train_grads()
     check_flash()
     bench_inference(peak)
     bench_train()
     check_fsdp2()
+    profile_small_compiled()
 
 
 if __name__ == "__main__":
