@@ -218,20 +218,30 @@ def test_shared_inference_buffers_change_nothing(sub_ln, monkeypatch):
         m.reuse_buffers = False
         ref_final, ref_feats = m.forward_intermediates(x, output_fmt="NLC")
         ref_logits = m(x)
-    made = []
-    init = layers.Workspace.__init__
+    made, allocations = [], []
+    init, linear = layers.Workspace.__init__, layers.Workspace.linear
 
-    def counted(self):
-        init(self)
+    def counted(self, numel=0):
+        init(self, numel)
         made.append(self)
 
+    def watched(self, *args):
+        before = self._buf
+        out = linear(self, *args)
+        allocations.append(self._buf is not before)
+        return out
+
     monkeypatch.setattr(layers.Workspace, "__init__", counted)
+    monkeypatch.setattr(layers.Workspace, "linear", watched)
     m.reuse_buffers = True
     with torch.inference_mode():
         final, feats = m.forward_intermediates(x, output_fmt="NLC")
         logits = m(x)
-    # one workspace per forward, holding exactly the two shared outputs, reused by every block
-    assert len(made) == 2 and all(sorted(w._bufs) == ["qkv", "w12"] for w in made)
+    # one workspace per forward; its buffer is allocated once, then qkv and w12 of every block share it
+    depth, T, c = len(m.blocks), 1 + (56 // 14) * (42 // 14), m.cfg
+    assert len(made) == 2 and len(allocations) == 2 * 2 * depth
+    assert allocations == [True] + [False] * (2 * depth - 1) + [True] + [False] * (2 * depth - 1)
+    assert all(w._buf.numel() == 2 * T * max(3 * c.dim, 2 * c.mlp_hidden) for w in made)
     # bit-identical, and intermediates kept from earlier blocks are not overwritten by later ones
     assert torch.equal(logits, ref_logits) and torch.equal(final, ref_final)
     assert all(torch.equal(a, b) for a, b in zip(feats, ref_feats, strict=True))

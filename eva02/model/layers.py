@@ -21,18 +21,21 @@ def traced() -> bool:
 
 
 class Workspace:
-    """Output buffers shared by the blocks of one inference forward on CPU.
+    """One output buffer shared by the blocks of one inference forward on CPU.
 
     The two widest linear outputs of a block (qkv: 3D columns, SwiGLU's w12: 2H) are consumed inside
-    the block, so every block can write them into the same memory. A fresh tensor of that size would
-    be new pages from the C allocator each time, each one faulted in by the bias copy that precedes
-    the GEMM; on CPU that first touch costs as much as a sixth of the GEMM itself. One workspace lives
-    for one forward call (see `Eva02.forward_tokens`), so nothing is shared between threads or calls,
-    and it is only used where autograd records nothing (outputs written in place are never saved).
+    the block, and never both at once: attention has finished with qkv before w12 is computed, and the
+    MLP with w12 before the next block's qkv. So every block writes both into the same memory. A fresh
+    tensor of that size would be new pages from the C allocator each time, each one faulted in by the
+    bias copy that precedes the GEMM. Peak memory is unchanged (the buffer is as large as the larger
+    output, which a plain forward also holds). One workspace lives for one forward call (see
+    `Eva02.forward_tokens`), so nothing is shared between threads or calls, and it is only used where
+    autograd records nothing (outputs written in place are never saved).
     """
 
-    def __init__(self) -> None:
-        self._bufs: dict[str, torch.Tensor] = {}
+    def __init__(self, numel: int = 0) -> None:
+        self._buf: torch.Tensor | None = None
+        self._numel = numel  # capacity to allocate on first use, so that it is allocated once
 
     @staticmethod
     def usable(x: torch.Tensor) -> bool:
@@ -44,15 +47,16 @@ class Workspace:
             and not torch.is_autocast_enabled("cpu")
         )
 
-    def linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """`F.linear(x, weight, bias)` written into this workspace's buffer `name` (valid until reused)."""
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """`F.linear(x, weight, bias)` written into the shared buffer (valid until the next call)."""
         rows = x.numel() // x.shape[-1]
-        shape = (rows, weight.shape[0])
-        buf = self._bufs.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != x.dtype:
-            buf = self._bufs[name] = torch.empty(shape, dtype=x.dtype, device=x.device)
-        torch.addmm(bias, x.reshape(rows, x.shape[-1]), weight.t(), out=buf)
-        return buf.view(*x.shape[:-1], weight.shape[0])
+        n = rows * weight.shape[0]
+        buf = self._buf
+        if buf is None or buf.numel() < n or buf.dtype != x.dtype:
+            buf = self._buf = torch.empty(max(n, self._numel), dtype=x.dtype, device=x.device)
+        out = buf[:n].view(rows, weight.shape[0])
+        torch.addmm(bias, x.reshape(rows, x.shape[-1]), weight.t(), out=out)
+        return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def _pairs(x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +162,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: RopeTables | None, ws: Workspace | None = None) -> torch.Tensor:
         B, T, D = x.shape
         bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias) if ws is None else ws.linear("qkv", x, self.qkv.weight, bias)
+        qkv = F.linear(x, self.qkv.weight, bias) if ws is None else ws.linear(x, self.qkv.weight, bias)
         qkv = qkv.view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, h, hd)
         if rope is not None and (traced() or qkv.dtype not in (torch.float32, torch.float64)):
             # Real arithmetic for compilers and exporters (no complex dtype; the compiler fuses it) and for
@@ -189,7 +193,7 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, ws: Workspace | None = None) -> torch.Tensor:
-        x = self.w12(x) if ws is None else ws.linear("w12", x, self.w12.weight, self.w12.bias)
+        x = self.w12(x) if ws is None else ws.linear(x, self.w12.weight, self.w12.bias)
         if x.requires_grad and not traced():
             return self.w3(self.norm(_SiluGate.apply(x)))
         gate, value = x.chunk(2, dim=-1)  # (B, T, H) views of one (B, T, 2H) output

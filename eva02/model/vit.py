@@ -200,7 +200,10 @@ class Eva02(nn.Module):
     def forward_tokens(self, x: torch.Tensor, grid: tuple[int, int], indices: Sequence[int] = ()):
         """Run all blocks on tokens; return final raw tokens and the raw outputs of blocks in `indices`."""
         rope = self.rope_for(grid, x.device)
-        ws = Workspace() if self.reuse_buffers and Workspace.usable(x) else None
+        ws = None
+        if getattr(self, "reuse_buffers", True) and Workspace.usable(x):
+            c = self.cfg
+            ws = Workspace(x.shape[0] * x.shape[1] * max(3 * c.dim, 2 * c.mlp_hidden))
         keep = {}
         for i, blk in enumerate(self.blocks):
             x = self._run_block(blk, x, rope, ws)
