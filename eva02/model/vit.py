@@ -203,7 +203,8 @@ class Eva02(nn.Module):
         ws = None
         if getattr(self, "reuse_buffers", True) and Workspace.usable(x):
             c = self.cfg
-            ws = Workspace(x.shape[0] * x.shape[1] * max(3 * c.dim, 2 * c.mlp_hidden))
+            rows = x.shape[0] * x.shape[1]
+            ws = Workspace(rows * max(3 * c.dim, 2 * c.mlp_hidden), rows * (c.mlp_hidden if c.sub_ln else c.dim))
         keep = {}
         for i, blk in enumerate(self.blocks):
             x = self._run_block(blk, x, rope, ws)
