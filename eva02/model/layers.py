@@ -21,16 +21,17 @@ def traced() -> bool:
 
 
 class Workspace:
-    """One output buffer shared by the blocks of one inference forward on CPU.
+    """Buffers shared by the blocks of one inference forward on CPU, for outputs consumed right away.
 
     The two widest linear outputs of a block (qkv: 3D columns, SwiGLU's w12: 2H) are consumed inside
     the block, and never both at once: attention has finished with qkv before w12 is computed, and the
-    MLP with w12 before the next block's qkv. So every block writes both into the same memory. A fresh
-    tensor of that size would be new pages from the C allocator each time, each one faulted in by the
-    bias copy that precedes the GEMM. Peak memory is unchanged (the buffer is as large as the larger
-    output, which a plain forward also holds). One workspace lives for one forward call (see
-    `Eva02.forward_tokens`), so nothing is shared between threads or calls, and it is only used where
-    autograd records nothing (outputs written in place are never saved).
+    MLP with w12 before the next block's qkv. So every block writes both into one buffer. Likewise each
+    LayerNorm output is consumed by the linear right after it, so all of them share a second buffer.
+    Fresh tensors of these sizes would be new pages from the C allocator each time, each one faulted in
+    by its first write, and cold in cache. Peak memory is unchanged (each buffer is as large as the
+    largest output it holds, which a plain forward also holds). One workspace lives for one forward
+    call (see `Eva02.forward_tokens`), so nothing is shared between threads or calls, and it is only
+    used where autograd records nothing (outputs written in place are never saved).
     """
 
     def __init__(self, numel: int = 0, norm_numel: int = 0) -> None:

@@ -56,7 +56,7 @@ class Eva02(nn.Module):
         self.fc_norm = nn.Identity() if headless else nn.LayerNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.grad_checkpointing = False
-        self.reuse_buffers = True  # CPU inference: blocks share their widest outputs (layers.Workspace)
+        self.reuse_buffers = True  # CPU inference: blocks share buffers for short-lived outputs (layers.Workspace)
         self._rope_cache: dict[tuple, RopeTables] = {}
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         if not any(p.is_meta for p in self.parameters()):
