@@ -253,3 +253,21 @@ def test_shared_inference_buffers_change_nothing(sub_ln, monkeypatch):
         assert not layers.Workspace.usable(x)
     with torch.no_grad():
         assert layers.Workspace.usable(x) and not layers.Workspace.usable(x.to("meta"))
+
+
+def test_concurrent_inference_threads_get_their_own_results():
+    from concurrent.futures import ThreadPoolExecutor
+
+    m = make(10)
+    xs = [torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    with torch.inference_mode():
+        expected = [m(x) for x in xs]
+
+    def run(x):
+        with torch.inference_mode():
+            return [m(x) for _ in range(3)]
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(run, xs))
+    for outs, ref in zip(results, expected, strict=True):
+        assert all(torch.equal(o, ref) for o in outs)
