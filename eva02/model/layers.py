@@ -127,26 +127,26 @@ class _RotateSplit(torch.autograd.Function):
 class _SiluGate(torch.autograd.Function):
     """Training form of the SwiGLU gate: x12 (..., 2H) = [gate, value] -> silu(gate) * value (..., H).
 
-    Saves what autograd would (x12 and silu(gate)) and writes both input gradients into one (..., 2H)
-    tensor, so the split of x12 costs no concatenation of gradients in backward.
+    Saves only x12 (which the w12 output is anyway) and recomputes silu(gate) in backward, so a block
+    keeps one (..., H) tensor less than autograd would; both input gradients are written into one
+    (..., 2H) tensor, so the split of x12 costs no concatenation of gradients in backward.
     """
 
     @staticmethod
     def forward(ctx, x12: torch.Tensor) -> torch.Tensor:
         gate, value = x12.chunk(2, dim=-1)
-        s = F.silu(gate)
-        ctx.save_for_backward(x12, s)
-        return s * value
+        ctx.save_for_backward(x12)
+        return F.silu(gate).mul_(value)  # the product lands in silu's fresh output
 
     @staticmethod
     def backward(ctx, gh: torch.Tensor) -> torch.Tensor:
-        x12, s = ctx.saved_tensors
+        (x12,) = ctx.saved_tensors
         gate, value = x12.chunk(2, dim=-1)
         grad = torch.empty_like(x12)
         g_gate, g_value = grad.chunk(2, dim=-1)
+        torch.mul(gh, F.silu(gate, inplace=False), out=g_value)
         torch.mul(gh, value, out=g_gate)
         torch.ops.aten.silu_backward.grad_input(g_gate, gate, grad_input=g_gate)  # element-wise, in place
-        torch.mul(gh, s, out=g_value)
         return grad
 
 
