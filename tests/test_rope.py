@@ -106,3 +106,19 @@ def test_training_functions_pass_gradcheck():
     assert torch.autograd.gradcheck(_SiluGate.apply, (x12,))
     gate, value = x12.detach().chunk(2, -1)
     torch.testing.assert_close(_SiluGate.apply(x12), torch.nn.functional.silu(gate) * value)
+
+
+def test_training_gate_saves_only_its_input():
+    """The SwiGLU gate keeps w12's output for backward and nothing else (silu is recomputed)."""
+    from eva02.model.layers import _SiluGate
+
+    x12 = torch.randn(2, 5, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = _SiluGate.apply(x12)
+    assert len(saved) == 1 and saved[0] is x12
+    out.sum().backward()
+    gate, value = x12.detach().chunk(2, -1)
+    s = torch.sigmoid(gate)
+    expected = torch.cat([value * s * (1 + gate * (1 - s)), gate * s], -1)
+    torch.testing.assert_close(x12.grad, expected)
