@@ -160,6 +160,21 @@ def test_bf16_autocast_runs_and_stays_close():
     assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
 
 
+@pytest.mark.parametrize("sub_ln", [False, True])
+def test_bf16_autocast_training_gradients_follow_fp32(sub_ln):
+    m = make(10, sub_ln=sub_ln).train()
+    x, y = torch.randn(2, 3, 56, 56), torch.tensor([1, 7])
+    grads = []
+    for amp in (False, True):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    ref, low = grads
+    assert torch.isfinite(low).all()
+    assert torch.nn.functional.cosine_similarity(ref, low, dim=0) > 0.99
+
+
 def test_training_after_inference_mode_call():
     m = make(10)
     x = torch.randn(2, 3, 84, 84)  # a non-native grid: both caches get filled under inference_mode
