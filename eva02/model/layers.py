@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from eva02.model.rope import RopeTables, apply_rope, rotate_pairs_
 
@@ -105,6 +106,7 @@ class _RotateSplit(torch.autograd.Function):
         return out[0].transpose(1, 2), out[1].transpose(1, 2), out[2].transpose(1, 2)
 
     @staticmethod
+    @once_differentiable  # the backward writes into buffers: no graph of it for higher-order gradients
     def backward(ctx, gq: torch.Tensor | None, gk: torch.Tensor | None, gv: torch.Tensor | None):
         (rot,) = ctx.saved_tensors
         grad = rot.real.new_empty(ctx.shape)  # (B, T, 3, h, hd)
@@ -139,6 +141,7 @@ class _SiluGate(torch.autograd.Function):
         return F.silu(gate).mul_(value)  # the product lands in silu's fresh output
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gh: torch.Tensor) -> torch.Tensor:
         (x12,) = ctx.saved_tensors
         gate, value = x12.chunk(2, dim=-1)
