@@ -68,7 +68,6 @@ _RULES = {
     aten.baddbmm.default: ("matmul", _addmm),
     aten.convolution.default: ("conv", _conv),
     aten.native_layer_norm.default: ("norm", _layer_norm),
-    aten.native_layer_norm.out: ("norm", _layer_norm),
 }
 # Fused attention kernels (which one runs depends on device and version); on the meta device SDPA
 # falls back to its math form, which is counted through its bmm calls instead.

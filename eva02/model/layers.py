@@ -22,25 +22,21 @@ def traced() -> bool:
 
 
 class Workspace:
-    """Buffers shared by the blocks of one inference forward on CPU, for outputs consumed right away.
+    """One output buffer shared by the blocks of one inference forward on CPU.
 
     The two widest linear outputs of a block (qkv: 3D columns, SwiGLU's w12: 2H) are consumed inside
     the block, and never both at once: attention has finished with qkv before w12 is computed, and the
-    MLP with w12 before the next block's qkv. So every block writes both into one buffer. Likewise each
-    LayerNorm output is consumed by the linear right after it, so all of them share a second buffer.
-    Fresh tensors of these sizes would be new pages from the C allocator each time, each one faulted in
-    by its first write, and cold in cache. Peak memory is unchanged (each buffer is as large as the
-    largest output it holds, which a plain forward also holds). One workspace lives for one forward
-    call (see `Eva02.forward_tokens`), so nothing is shared between threads or calls, and it is only
-    used where autograd records nothing (outputs written in place are never saved).
+    MLP with w12 before the next block's qkv. So every block writes both into one buffer. Fresh tensors
+    of that size would be new pages from the C allocator each time, each one faulted in by the bias
+    copy that precedes the GEMM, and cold in cache. Peak memory is unchanged (the buffer is as large as
+    the larger output, which a plain forward also holds). One workspace lives for one forward call
+    (see `Eva02.forward_tokens`), so nothing is shared between threads or calls, and it is only used
+    where autograd records nothing (outputs written in place are never saved).
     """
 
-    def __init__(self, numel: int = 0, norm_numel: int = 0) -> None:
+    def __init__(self, numel: int = 0) -> None:
         self._buf: torch.Tensor | None = None
         self._numel = numel  # capacity to allocate on first use, so that it is allocated once
-        self._norm: torch.Tensor | None = None  # LayerNorm outputs, each consumed by the next linear
-        self._norm_numel = norm_numel
-        self._stats: torch.Tensor | None = None
 
     @staticmethod
     def usable(x: torch.Tensor) -> bool:
@@ -62,21 +58,6 @@ class Workspace:
         out = buf[:n].view(rows, weight.shape[0])
         torch.addmm(bias, x.reshape(rows, x.shape[-1]), weight.t(), out=out)
         return out.view(*x.shape[:-1], weight.shape[0])
-
-    def layer_norm(self, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-        """`norm(x)` written into the shared normalisation buffer (valid until the next call)."""
-        n, rows = x.numel(), x.numel() // x.shape[-1]
-        buf = self._norm
-        if buf is None or buf.numel() < n or buf.dtype != x.dtype:
-            buf = self._norm = torch.empty(max(n, self._norm_numel), dtype=x.dtype, device=x.device)
-        if self._stats is None or self._stats.numel() < 2 * rows or self._stats.dtype != x.dtype:
-            self._stats = torch.empty(2 * rows, dtype=x.dtype, device=x.device)
-        out = buf[:n].view(x.shape)
-        mean, rstd = self._stats[:rows].view(*x.shape[:-1], 1), self._stats[rows : 2 * rows].view(*x.shape[:-1], 1)
-        torch.ops.aten.native_layer_norm.out(
-            x, norm.normalized_shape, norm.weight, norm.bias, norm.eps, out0=out, out1=mean, out2=rstd
-        )
-        return out
 
 
 def _pairs(x: torch.Tensor) -> torch.Tensor:
@@ -223,8 +204,6 @@ class SwiGLU(nn.Module):
             h = F.silu(gate) * value
         else:  # no autograd: gate in place inside w12's output, saving two (B, T, H) allocations
             h = F.silu(gate, inplace=True).mul_(value)
-        if ws is not None and isinstance(self.norm, nn.LayerNorm):
-            return self.w3(ws.layer_norm(h, self.norm))
         return self.w3(self.norm(h))
 
 
@@ -253,9 +232,7 @@ class Block(nn.Module):
         # a 2-D product, and an in-place sum on a view makes autograd copy and zero-fill whole gradients
         # in backward. x itself is never modified, so callers may keep it. `ws`: see Workspace.
         fresh = not torch.is_grad_enabled()
-        h = self.norm1(x) if ws is None else ws.layer_norm(x, self.norm1)
-        y = drop_path(self.attn(h, rope, ws), self.drop_path, self.training)
+        y = drop_path(self.attn(self.norm1(x), rope, ws), self.drop_path, self.training)
         x = y.add_(x) if fresh else x + y
-        h = self.norm2(x) if ws is None else ws.layer_norm(x, self.norm2)
-        y = drop_path(self.mlp(h, ws), self.drop_path, self.training)
+        y = drop_path(self.mlp(self.norm2(x), ws), self.drop_path, self.training)
         return y.add_(x) if fresh else x + y

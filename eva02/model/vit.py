@@ -56,7 +56,7 @@ class Eva02(nn.Module):
         self.fc_norm = nn.Identity() if headless else nn.LayerNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.grad_checkpointing = False
-        self.reuse_buffers = True  # CPU inference: blocks share buffers for short-lived outputs (layers.Workspace)
+        self.reuse_buffers = True  # CPU inference: blocks share one buffer for qkv and w12 (layers.Workspace)
         self._rope_cache: dict[tuple, RopeTables] = {}
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         if not any(p.is_meta for p in self.parameters()):
@@ -203,8 +203,7 @@ class Eva02(nn.Module):
         ws = None
         if getattr(self, "reuse_buffers", True) and Workspace.usable(x):
             c = self.cfg
-            rows = x.shape[0] * x.shape[1]
-            ws = Workspace(rows * max(3 * c.dim, 2 * c.mlp_hidden), rows * (c.mlp_hidden if c.sub_ln else c.dim))
+            ws = Workspace(x.shape[0] * x.shape[1] * max(3 * c.dim, 2 * c.mlp_hidden))
         keep = {}
         for i, blk in enumerate(self.blocks):
             x = self._run_block(blk, x, rope, ws)
