@@ -202,8 +202,10 @@ class SwiGLU(nn.Module):
         gate, value = x.chunk(2, dim=-1)  # (B, T, H) views of one (B, T, 2H) output
         if traced():
             h = F.silu(gate) * value
-        else:  # no autograd: gate in place inside w12's output, saving two (B, T, H) allocations
-            h = F.silu(gate, inplace=True).mul_(value)
+        elif isinstance(self.norm, nn.Identity):  # no autograd: gate in place inside w12's output
+            h = F.silu(gate, inplace=True).mul_(value)  # w3 reads the strided half without a copy
+        else:  # the sub-LN needs a dense input: the product writes one instead of LayerNorm copying
+            h = F.silu(gate, inplace=True) * value
         return self.w3(self.norm(h))
 
 
