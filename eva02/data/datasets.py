@@ -141,10 +141,15 @@ def build_dataset(root: str, split: str, list_file: str, names_file: str, transf
     return ImageDataset(samples, classes, transform)
 
 
+def split_bad(items: list) -> tuple[list, list[tuple[str, str]]]:
+    """Loaded samples, and (path, reason) of the ones that failed to load (`BadSample`)."""
+    good = [it for it in items if not isinstance(it, BadSample)]
+    return good, [(it.path, it.reason) for it in items if isinstance(it, BadSample)]
+
+
 def collate(items: list) -> dict:
     """Stack good samples; failures are listed under 'bad' as (path, reason) for the loop to report."""
-    good = [it for it in items if not isinstance(it, BadSample)]
-    bad = [(it.path, it.reason) for it in items if isinstance(it, BadSample)]
+    good, bad = split_bad(items)
     if not good:
         return {"images": None, "targets": None, "index": None, "bad": bad}
     imgs, targets, index = zip(*good, strict=True)

@@ -68,10 +68,9 @@ def build_mim_dataset(cfg: RunConfig, transform: Any):
 
 def collate_masked(items: list) -> dict[str, Any]:
     """Stack (image, mask) samples; unreadable ones are listed under 'bad' for the loop to report."""
-    from eva02.data.datasets import BadSample
+    from eva02.data.datasets import split_bad
 
-    good = [it for it in items if not isinstance(it, BadSample)]
-    bad = [(it.path, it.reason) for it in items if isinstance(it, BadSample)]
+    good, bad = split_bad(items)
     if not good:
         return {"images": None, "mask": None, "index": None, "bad": bad}
     views, _, index = zip(*good, strict=True)

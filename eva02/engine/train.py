@@ -210,8 +210,7 @@ class Trainer:
             batch = _to_device(batch, self.info.device)
             with _no_sync(self.model, micro == self.accum - 1), autocast(self.info.device, self.amp):
                 loss, _ = self.task.forward_loss(self.model, batch)
-            if not torch.isfinite(loss.detach()):
-                loss_sum[2] += 1
+            loss_sum[2] += (~torch.isfinite(loss.detach())).to(loss_sum.dtype)  # counted on the device: no sync
             self.scaler.scale(loss / self.accum).backward()
             loss_sum[0] += loss.detach().double() * batch["images"].shape[0]
             loss_sum[1] += batch["images"].shape[0]

@@ -173,7 +173,7 @@ class Attention(nn.Module):
             cos, sin = rope.cos[:, None, None, :], rope.sin[:, None, None, :]  # (T, 1, 1, hd)
             q, k = (t.transpose(1, 2) for t in apply_rope(qkv[:, :, :2], cos, sin).unbind(2))  # (B, h, T, hd)
             v = qkv[:, :, 2].transpose(1, 2)
-        elif rope is not None and torch.is_grad_enabled() and qkv.requires_grad:
+        elif rope is not None and qkv.requires_grad:  # autograd records: training form
             q, k, v = _RotateSplit.apply(qkv, rope.rot[:, None, :])  # (B, h, T, hd) each
         else:
             if rope is not None:

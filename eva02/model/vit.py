@@ -201,7 +201,7 @@ class Eva02(nn.Module):
         """Run all blocks on tokens; return final raw tokens and the raw outputs of blocks in `indices`."""
         rope = self.rope_for(grid, x.device)
         ws = None
-        if getattr(self, "reuse_buffers", True) and Workspace.usable(x):
+        if self.reuse_buffers and Workspace.usable(x):
             c = self.cfg
             ws = Workspace(x.shape[0] * x.shape[1] * max(3 * c.dim, 2 * c.mlp_hidden))
         keep = {}
