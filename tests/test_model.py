@@ -162,17 +162,23 @@ def test_bf16_autocast_runs_and_stays_close():
 
 @pytest.mark.parametrize("sub_ln", [False, True])
 def test_bf16_autocast_training_gradients_follow_fp32(sub_ln):
+    """bf16 autocast takes the real-form RoPE and the gate function in bf16: every gradient follows fp32."""
     m = make(10, sub_ln=sub_ln).train()
-    x, y = torch.randn(2, 3, 56, 56), torch.tensor([1, 7])
+    with torch.no_grad():  # peaked attention, so that the gradients depend on the rotation
+        for blk in m.blocks:
+            blk.attn.qkv.weight.mul_(8)
+    x, y = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 7])
     grads = []
     for amp in (False, True):
         m.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             torch.nn.functional.cross_entropy(m(x), y).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+        grads.append({n: p.grad.flatten().float() for n, p in m.named_parameters()})
     ref, low = grads
-    assert torch.isfinite(low).all()
-    assert torch.nn.functional.cosine_similarity(ref, low, dim=0) > 0.99
+    for name, g in ref.items():
+        assert torch.isfinite(low[name]).all(), name
+        if g.abs().max() > 0:
+            assert torch.nn.functional.cosine_similarity(g, low[name], dim=0) > 0.98, name
 
 
 def test_training_after_inference_mode_call():
