@@ -141,3 +141,68 @@ def test_compiled_rows_for_inference_and_training():
     for mode in ("infer", "train"):
         assert set(res[mode]) == {"ours", "ours+compile"}, res[mode]
         assert all(e["img_s"] > 0 and len(e["times_s"]) == 1 for e in res[mode].values())
+
+
+def _floor_counts(entries) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e["kind"]] = counts.get(e["kind"], 0) + e["calls"]
+    return counts
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_kernel_recorder_sees_every_matmul_attention_and_conv(train):
+    cfg = bench.SIZES["test-56"].config()
+    model = Eva02(cfg)
+    x, y = torch.randn(2, 3, 56, 56), torch.randint(0, cfg.num_classes, (2,))
+    linears = 4 * cfg.depth + 1  # qkv, proj, w12, w3 per block, and the head
+    if train:
+        opt = torch.optim.AdamW(model.train().parameters())
+
+        def fn():
+            bench._train_step(model, opt, x, y, None)
+    else:
+        fn = bench._infer_fn(model.eval(), x)
+    fn()
+    rec = bench.KernelRecorder()
+    with rec:
+        fn()
+    counts = _floor_counts(rec.entries.values())
+    # training: every linear's forward plus the gradients of its input and its weight; attention and
+    # the patch convolution forward and backward
+    assert counts == ({"gemm": 3 * linears, "attention": 2 * cfg.depth, "conv": 2} if train
+                      else {"gemm": linears, "attention": cfg.depth, "conv": 1})  # fmt: skip
+    with rec:  # a second pass adds calls to the same entries, not new ones
+        fn()
+    assert _floor_counts(rec.entries.values()) == {k: 2 * v for k, v in counts.items()}
+    timed = rec.replay(rounds=1)
+    assert all(t["ms"] > 0 and t["total_ms"] == pytest.approx(t["ms"] * t["calls"]) for t in timed)
+    assert not any(k.startswith("_") for t in timed for k in t)  # replay arguments are not reported
+
+
+def test_replayed_kernels_reproduce_the_recorded_results():
+    a, b, bias = torch.randn(64, 32), torch.randn(48, 32), torch.randn(48)
+    rec = bench.KernelRecorder()
+    with rec:
+        ref = torch.nn.functional.linear(a, b, bias)
+    ((func, args, kwargs),) = [e["_replay"] for e in rec.entries.values()]
+    a.zero_()  # the recorder holds copies: later changes to the inputs do not reach the replay
+    torch.testing.assert_close(func(*args, **kwargs), ref)
+
+
+@needs_timm
+def test_bench_floor_ratios_follow_from_the_measured_times(capsys):
+    res = bench.bench_floor(bench.SIZES["test-56"], rounds=1)
+    for impl in ("ours", "timm"):
+        e = res[impl]
+        assert e["floor_ms"] == pytest.approx(e["gemm_ms"] + e["attention_ms"] + e["conv_ms"])
+        assert e["floor_ms"] == pytest.approx(sum(k["total_ms"] for k in e["kernels"]))
+        assert e["floor_share"] == pytest.approx(e["floor_ms"] / e["measured_ms"])
+        assert e["ceiling_x_timm"] == pytest.approx(res["timm"]["measured_ms"] / e["floor_ms"])
+    assert res["ours"]["x_timm"] == pytest.approx(res["timm"]["measured_ms"] / res["ours"]["measured_ms"])
+    rc = main(["bench", "--models", "test-56", "--rounds", "1", "--threads", "1", "--floor", "--train"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| test-56 | infer | ours |" in text and "| test-56 | train | timm |" in text
+    assert main(["bench", "--models", "test-56", "--floor", "--impls", "ours"]) == 2
+    assert "keep timm" in capsys.readouterr().err

@@ -34,6 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW)")
     p.add_argument("--memory", action="store_true", help="also measure training-step memory (subprocess each)")
     p.add_argument("--grad-ckpt", action="store_true", help="with --memory: also with gradient checkpointing")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the unavoidable kernels (matmuls, attention, conv) alone: the fastest any implementation could be",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--mmp-site", default=None, metavar="DIR", help="folder holding an mmpretrain install")
@@ -56,12 +61,14 @@ def run(args: argparse.Namespace) -> int:
             raise CliError("--device cuda was given but no CUDA device is visible; use --device cpu")
     elif args.dtype != "fp32":
         raise CliError("--dtype bf16/fp16 is for --device cuda; CPU numbers are fp32")
+    if args.floor and (args.device != "cpu" or "timm" not in args.impls):
+        raise CliError("--floor measures CPU fp32 against timm: use --device cpu and keep timm in --impls")
     extra = [args.mmp_site] if args.mmp_site else []
     try:
         report = bench.run_benchmark(
             args.models, args.impls, args.rounds, args.warmup, args.compile, args.train, args.memory,
             args.grad_ckpt, args.device, args.dtype, args.threads, extra,
-            log=lambda s: print(s, file=sys.stderr, flush=True), batch=args.batch,
+            log=lambda s: print(s, file=sys.stderr, flush=True), batch=args.batch, floor=args.floor,
         )  # fmt: skip
     except ImportError as e:
         raise CliError(str(e)) from e
@@ -135,4 +142,19 @@ def format_table(report: dict) -> str:
             act = f"{e['activations_mib']:.0f}" if "activations_mib" in e else ""
             ratio = f"{e['x_timm_peak']:.2f}" if "x_timm_peak" in e else ""
             lines.append(f"| {name} | {impl} | {e['peak_mib']:.0f} | {act} | {ratio} |")
+    floor_rows = [(name, f) for name, res in report["results"].items() for f in res.get("floor", {}).values()]
+    if floor_rows:
+        lines += [
+            "",
+            "| size | pass | impl | measured ms | kernel floor ms | GEMM / attention / conv ms | in kernels "
+            "| x timm | ceiling x timm |",
+            "|" + "---|" * 9,
+        ]
+        for name, f in floor_rows:
+            for impl in f["impls"]:
+                e = f[impl]
+                parts = f"{e['gemm_ms']:.0f} / {e['attention_ms']:.0f} / {e['conv_ms']:.0f}"
+                cells = [name, f["mode"], impl, f"{e['measured_ms']:.0f}", f"{e['floor_ms']:.0f}", parts,
+                         f"{100 * e['floor_share']:.0f}%", f"{e['x_timm']:.2f}", f"{e['ceiling_x_timm']:.2f}"]  # fmt: skip
+                lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
