@@ -8,6 +8,10 @@ Runs ours and timm side by side on the same GPU in one process (timm is the refe
 - FSDP2 (`fully_shard` per block) on a one-process group: one step, loss equal to the unsharded model's;
 - small-336 compiled bf16, ours vs timm, with the top CUDA kernels of each (last: it compiles twice).
 Writes a JSON file (argument 1, default gpu_results.json). Usage: python benchmarks/gpu_check.py OUT.json
+
+`DEVICE=cpu` rehearses every section on the CPU with 2-block models at 56 px and small batches (gloo
+instead of nccl, CPU kernels in the profile table): it catches errors in this script before a GPU slot
+is spent on it. Its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from eva02.weights.convert import to_ours
 RESULTS: dict = {}
 QUICK = os.environ.get("QUICK") == "1"  # fewer models and compilations, for a short device slot
 OUT_PATH = sys.argv[1] if len(sys.argv) > 1 else "gpu_results.json"
-DEV = "cuda"
+DEV = os.environ.get("DEVICE", "cuda")
+DRY = DEV == "cpu"  # the CPU rehearsal: tiny shapes, same code paths
 TIMM_NAMES = {
     "tiny": "eva02_tiny_patch14_336",
     "small": "eva02_small_patch14_336",
@@ -39,17 +44,27 @@ TIMM_NAMES = {
 def pair(size: str, img: int):
     import timm
 
-    cfg = VARIANTS[size].replace(img_size=img, num_classes=1000)
+    small = {"img_size": 56, "depth": 2} if DRY else {}
+    cfg = VARIANTS[size].replace(img_size=img, num_classes=1000).replace(**small)
     torch.manual_seed(0)
-    ref = timm.create_model(TIMM_NAMES[size], pretrained=False, num_classes=1000)
+    ref = timm.create_model(TIMM_NAMES[size], pretrained=False, num_classes=1000, **small)
     ours = Eva02(cfg)
     ours.load_state_dict(to_ours(ref.state_dict(), "timm", cfg))
     return ours.to(DEV).eval(), ref.to(DEV).eval(), cfg
 
 
+def batch(n: int) -> int:
+    return 2 if DRY else n
+
+
 def timed(fn, iters: int) -> float:
     for _ in range(3):
         fn()
+    if DRY:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) / iters
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -61,10 +76,11 @@ def timed(fn, iters: int) -> float:
 
 
 def matmul_peak() -> float:
-    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    n = 512 if DRY else 8192
+    a = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
     sec = timed(lambda: a @ b, 20)
-    return 2 * 8192**3 / sec
+    return 2 * n**3 / sec
 
 
 def section(name):
@@ -88,11 +104,11 @@ def section(name):
 def check_parity():
     out = {}
     for size, img in (("tiny", 336), ("base", 448)):
-        ours, ref, _ = pair(size, img)
-        x = torch.randn(4, 3, img, img, device=DEV)
+        ours, ref, cfg = pair(size, img)
+        x = torch.randn(batch(4), 3, cfg.img_size, cfg.img_size, device=DEV)
         with torch.inference_mode():
             out[f"{size}_fp32_max_abs"] = (ours(x) - ref(x)).abs().max().item()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(DEV, dtype=torch.bfloat16):
                 a, b = ours(x).float(), ref(x).float()
             out[f"{size}_bf16_autocast_max_abs"] = (a - b).abs().max().item()
             out[f"{size}_bf16_top1_agree"] = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
@@ -105,7 +121,7 @@ def check_train_grads():
     out = {}
     for size, img in (("tiny", 336), ("base", 448)):
         ours, ref, cfg = pair(size, img)
-        x = torch.randn(2, 3, img, img, device=DEV)
+        x = torch.randn(2, 3, cfg.img_size, cfg.img_size, device=DEV)
         y = torch.randint(0, 1000, (2,), device=DEV)
         for m in (ours, ref):
             m.train()
@@ -122,10 +138,12 @@ def kernel_table(fn, rows: int = 12) -> list[str]:
     """Top CUDA kernels of one call of `fn` by total device time (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU if DRY else ProfilerActivity.CUDA]) as prof:
         fn()
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="device_time_total", row_limit=rows, max_name_column_width=60)
+        if not DRY:
+            torch.cuda.synchronize()
+    sort = "self_cpu_time_total" if DRY else "device_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
     return table.splitlines()
 
 
@@ -134,13 +152,14 @@ def profile_small_compiled():
     """small-336 compiled bf16, ours vs timm: img/s and the kernels behind any gap."""
     ours, ref, cfg = pair("small", 336)
     ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
-    x = torch.randn(32, 3, 336, 336, device=DEV, dtype=torch.bfloat16)
+    bs = batch(32)
+    x = torch.randn(bs, 3, cfg.img_size, cfg.img_size, device=DEV, dtype=torch.bfloat16)
     row = {}
     for name, m in (("ours", torch.compile(ours)), ("timm", torch.compile(ref))):
         with torch.inference_mode():
             m(x)
             sec = timed(lambda m=m: m(x), 20)
-            row[name] = {"img_s": 32 / sec, "kernels": kernel_table(lambda m=m: m(x))}
+            row[name] = {"img_s": bs / sec, "kernels": kernel_table(lambda m=m: m(x))}
     row["ratio"] = row["ours"]["img_s"] / row["timm"]["img_s"]
     return row
 
@@ -149,9 +168,9 @@ def profile_small_compiled():
 def check_flash():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    ours, _, _ = pair("base", 448)
+    ours, _, cfg = pair("base", 448)
     ours = ours.to(torch.bfloat16)
-    x = torch.randn(8, 3, 448, 448, device=DEV, dtype=torch.bfloat16)
+    x = torch.randn(batch(8), 3, cfg.img_size, cfg.img_size, device=DEV, dtype=torch.bfloat16)
     with torch.inference_mode():
         y_any = ours(x).float()
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
@@ -166,7 +185,8 @@ def bench_inference(peak: float):
     for size, img, bs in sizes[:2] if QUICK else sizes:
         ours, ref, cfg = pair(size, img)
         ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
-        x = torch.randn(bs, 3, img, img, device=DEV, dtype=torch.bfloat16)
+        bs = batch(bs)
+        x = torch.randn(bs, 3, cfg.img_size, cfg.img_size, device=DEV, dtype=torch.bfloat16)
         macs = count_flops(cfg)
         row = {"batch": bs}
         variants = [("ours_eager", ours), ("timm_eager", ref)]
@@ -178,7 +198,8 @@ def bench_inference(peak: float):
             with torch.inference_mode():
                 t0 = time.time()
                 m(x)  # compile happens here for compiled variants
-                torch.cuda.synchronize()
+                if not DRY:
+                    torch.cuda.synchronize()
                 first = time.time() - t0
                 sec = timed(lambda m=m, x=x: m(x), 10)
             row[name] = {"img_s": bs / sec, "mfu": 2 * macs * bs / sec / peak, "first_call_s": first}
@@ -187,7 +208,8 @@ def bench_inference(peak: float):
             row["ratio_compile"] = row["ours_compile"]["img_s"] / row["timm_compile"]["img_s"]
         rows[f"{size}-{img}"] = row
         del ours, ref
-        torch.cuda.empty_cache()
+        if not DRY:
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -195,8 +217,9 @@ def bench_inference(peak: float):
 def bench_train():
     rows = {}
     for size, img, bs in (("base", 448, 32),):
-        ours, ref, _ = pair(size, img)
-        x = torch.randn(bs, 3, img, img, device=DEV)
+        ours, ref, cfg = pair(size, img)
+        bs = batch(bs)
+        x = torch.randn(bs, 3, cfg.img_size, cfg.img_size, device=DEV)
         y = torch.randint(0, 1000, (bs,), device=DEV)
         row = {"batch": bs}
         for name, m in (("ours", ours), ("timm", ref)):
@@ -204,24 +227,33 @@ def bench_train():
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
 
             def step(m=m, opt=opt, x=x, y=y):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+                with torch.autocast(DEV, dtype=torch.bfloat16):
                     loss = torch.nn.functional.cross_entropy(m(x), y)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            torch.cuda.reset_peak_memory_stats()
+            reset_peak()
             sec = timed(step, 5)
-            row[name] = {"img_s": bs / sec, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+            row[name] = {"img_s": bs / sec, "peak_mem_gib": peak_gib()}
             if name == "ours":
                 m.set_grad_checkpointing(True)
-                torch.cuda.reset_peak_memory_stats()
+                reset_peak()
                 sec = timed(step, 3)
-                row["ours_grad_ckpt"] = {"img_s": bs / sec, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+                row["ours_grad_ckpt"] = {"img_s": bs / sec, "peak_mem_gib": peak_gib()}
             del opt
         row["ratio"] = row["ours"]["img_s"] / row["timm"]["img_s"]
         rows[f"{size}-{img}"] = row
     return rows
+
+
+def reset_peak() -> None:
+    if not DRY:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float | None:
+    return None if DRY else torch.cuda.max_memory_allocated() / 2**30
 
 
 @section("fsdp2")
@@ -230,25 +262,26 @@ def check_fsdp2():
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
-    dist.init_process_group("nccl", rank=0, world_size=1)
+    dist.init_process_group("gloo" if DRY else "nccl", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
-        cfg = VARIANTS["base"].replace(img_size=224, num_classes=1000, depth=4)
+        cfg = VARIANTS["base"].replace(img_size=56 if DRY else 224, num_classes=1000, depth=4)
         plain = Eva02(cfg).to(DEV).train()
         sharded = Eva02(cfg).to(DEV).train()
         sharded.load_state_dict(plain.state_dict())
         from eva02.engine.parallel import apply_fsdp  # the engine's own FSDP2 wrapping
 
         sharded = apply_fsdp(sharded, torch.bfloat16)  # bf16 params for compute, fp32 gradient reduction
-        x = torch.randn(8, 3, 224, 224, device=DEV)
-        y = torch.randint(0, 1000, (8,), device=DEV)
+        x = torch.randn(batch(8), 3, cfg.img_size, cfg.img_size, device=DEV)
+        y = torch.randint(0, 1000, (x.shape[0],), device=DEV)
         losses = {}
         for name, m in (("plain", plain), ("fsdp2", sharded)):
             opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
             seq = []
             for _ in range(3):
-                # the plain model under autocast, the sharded one through FSDP2's mixed-precision policy
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=name == "plain"):
+                # both under bf16 autocast, as the engine trains; FSDP2 also gathers bf16 parameters
+                # (its policy does not cast block inputs: the RoPE tables stay fp32)
+                with torch.autocast(DEV, dtype=torch.bfloat16):
                     loss = torch.nn.functional.cross_entropy(m(x), y)
                 loss.backward()
                 opt.step()
@@ -268,8 +301,8 @@ def check_fsdp2():
 def main() -> None:
     import timm
 
-    p = torch.cuda.get_device_properties(0)
-    RESULTS["env"] = {"gpu": p.name, "torch": torch.__version__, "timm": timm.__version__, "cuda": torch.version.cuda}
+    gpu = "none (CPU rehearsal)" if DRY else torch.cuda.get_device_properties(0).name
+    RESULTS["env"] = {"gpu": gpu, "torch": torch.__version__, "timm": timm.__version__, "cuda": torch.version.cuda}
     torch.backends.cuda.matmul.allow_tf32 = False
     peak = matmul_peak()
     RESULTS["bf16_matmul_peak_tflops"] = peak / 1e12

@@ -1,0 +1,36 @@
+"""The GPU check script rehearsed on the CPU: every section must run without error before a GPU slot is spent."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="the script compares against timm")
+def test_gpu_check_rehearsal_on_cpu_runs_every_section(tmp_path):
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "DEVICE": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    sections = {"parity", "train_grad_parity", "sdpa_flash", "inference_bf16", "train_bf16", "fsdp2",
+                "small_compiled_profile"}  # fmt: skip
+    assert sections <= set(res)
+    errors = {k: res[k]["trace"] for k in sections if "error" in res[k]}
+    assert not errors, errors
+    assert res["parity"]["tiny_fp32_max_abs"] < 1e-4 and res["parity"]["base_bf16_top1_agree"] == 1.0
+    assert res["train_grad_parity"]["base"]["max_abs_grad_diff"] < 1e-4
+    assert res["fsdp2"]["param_types"] == ["DTensor"] and res["fsdp2"]["max_abs_loss_diff"] < 1e-2
+    assert res["inference_bf16"]["base-448"]["ratio_compile"] > 0
+    assert res["small_compiled_profile"]["ours"]["kernels"]
