@@ -161,6 +161,29 @@ def test_bf16_autocast_runs_and_stays_close():
 
 
 @pytest.mark.parametrize("sub_ln", [False, True])
+def test_bf16_inference_takes_the_in_place_rotation_and_equals_the_real_form(sub_ln, monkeypatch):
+    """bf16 weights, eager: q and k are rotated in place (through fp32); same logits as the real-form path."""
+    from eva02.model import layers
+
+    m = make(10, sub_ln=sub_ln).to(torch.bfloat16)
+    with torch.no_grad():  # peaked attention, so that the output depends on the rotation
+        for blk in m.blocks:
+            blk.attn.qkv.weight.mul_(8)
+    x = torch.randn(2, 3, 56, 56).to(torch.bfloat16)
+    calls = []
+    widened = layers.rotate_pairs_widened_
+    monkeypatch.setattr(layers, "rotate_pairs_widened_", lambda *a: calls.append(1) or widened(*a))
+    with torch.inference_mode():
+        fast = m(x)
+    assert len(calls) == len(m.blocks)
+    monkeypatch.setattr(layers, "traced", lambda: True)  # the real form, as compilers and exporters get it
+    with torch.inference_mode():
+        real = m(x)
+    assert len(calls) == len(m.blocks)
+    torch.testing.assert_close(fast.float(), real.float(), atol=2e-2 * real.float().abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("sub_ln", [False, True])
 def test_bf16_autocast_training_gradients_follow_fp32(sub_ln):
     """bf16 autocast takes the real-form RoPE and the gate function in bf16: every gradient follows fp32."""
     m = make(10, sub_ln=sub_ln).train()

@@ -85,6 +85,23 @@ def test_in_place_complex_rotation_equals_real_form():
     assert torch.equal(y[:, :, 0], x[:, :, 0]), "the class token's 1 + 0i entry must leave it bit-identical"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_in_place_rotation_equals_real_form(dtype):
+    """Half-precision inference rotates q and k in place through fp32; same numbers as the real form."""
+    from eva02.model.rope import rope_complex, rotate_pairs_widened_
+
+    cos, sin = rope_tables((6, 6), 64, num_prefix=1)
+    qkv = torch.randn(2, 37, 3, 4, 64).to(dtype)  # (B, T, 3, h, hd): q and k are a strided view
+    ref = apply_rope(qkv[:, :, :2], cos[:, None, None], sin[:, None, None])  # computed in fp32, rounded once
+    before = qkv.clone()
+    out = rotate_pairs_widened_(qkv[:, :, :2], rope_complex(cos, sin)[:, None, None])
+    assert out.dtype == dtype and out.data_ptr() == qkv.data_ptr()  # in place, in the caller's dtype
+    ulp = torch.finfo(dtype).eps * ref.float().abs().clamp_min(1e-3)
+    assert ((qkv[:, :, :2].float() - ref.float()).abs() <= ulp).all()  # at most one rounding step apart
+    assert torch.equal(qkv[:, :, 2], before[:, :, 2]), "v must stay untouched"
+    assert torch.equal(qkv[:, 0], before[:, 0]), "the class token's identity rotation keeps it bit-identical"
+
+
 def test_training_functions_pass_gradcheck():
     """The hand-written backwards of the training forms of RoPE+split and the SwiGLU gate."""
     from eva02.model.layers import _RotateSplit, _SiluGate

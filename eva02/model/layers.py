@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from eva02.model.rope import RopeTables, apply_rope, rotate_pairs_
+from eva02.model.rope import RopeTables, apply_rope, rotate_pairs_, rotate_pairs_widened_
 
 
 def traced() -> bool:
@@ -167,9 +167,10 @@ class Attention(nn.Module):
         bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias) if ws is None else ws.linear(x, self.qkv.weight, bias)
         qkv = qkv.view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, h, hd)
-        if rope is not None and (traced() or qkv.dtype not in (torch.float32, torch.float64)):
+        half = qkv.dtype not in (torch.float32, torch.float64)
+        if rope is not None and (traced() or (half and qkv.requires_grad)):
             # Real arithmetic for compilers and exporters (no complex dtype; the compiler fuses it) and for
-            # half precision (bfloat16 has no complex counterpart; the product is taken in fp32 as before).
+            # half-precision training (bfloat16 has no complex counterpart; the product is taken in fp32).
             cos, sin = rope.cos[:, None, None, :], rope.sin[:, None, None, :]  # (T, 1, 1, hd)
             q, k = (t.transpose(1, 2) for t in apply_rope(qkv[:, :, :2], cos, sin).unbind(2))  # (B, h, T, hd)
             v = qkv[:, :, 2].transpose(1, 2)
@@ -177,8 +178,10 @@ class Attention(nn.Module):
             q, k, v = _RotateSplit.apply(qkv, rope.rot[:, None, :])  # (B, h, T, hd) each
         else:
             if rope is not None:
-                # Eager inference: rotate q and k where they lie in the qkv output, one pass and no copies.
-                rotate_pairs_(qkv[:, :, :2], rope.rot[:, None, None, :])
+                # Eager inference: rotate q and k where they lie in the qkv output, no copies of q and k
+                # (half precision: through one fp32 temporary, the product taken in fp32 as in training).
+                rotate = rotate_pairs_widened_ if half else rotate_pairs_
+                rotate(qkv[:, :, :2], rope.rot[:, None, None, :])
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, h, T, hd) views
         # SDPA reads the (B, h, T, hd) views through their strides, so the heads are never permuted into
         # a copy; its output is laid out (B, T, h, hd) like q, so the merge of heads below is a view.

@@ -9,8 +9,9 @@ The tables cover the class token too, with an identity rotation (cos 1, sin 0), 
 token are rotated in one step without slicing or concatenation; x * 1 + y * 0 == x exactly, so the
 class token is untouched bit for bit.
 
-Eager code rotates in place with one complex product per pair (`rope_complex`, `rotate_pairs_`);
-`apply_rope` is the same rotation in real arithmetic, for compilers, exporters and half precision.
+Eager code rotates in place with one complex product per pair (`rope_complex`, `rotate_pairs_`, and
+`rotate_pairs_widened_` for half precision); `apply_rope` is the same rotation in real arithmetic, for
+compilers, exporters and half-precision training.
 """
 
 from __future__ import annotations
@@ -94,6 +95,18 @@ def rotate_pairs_(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """
     torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rot)
     return x
+
+
+def rotate_pairs_widened_(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """`rotate_pairs_` for half-precision x (bfloat16 has no complex dtype): x is widened to fp32 once,
+    rotated there in place by one complex product, and written back in place; returns x.
+
+    Three passes and one fp32 temporary, where the real form (`apply_rope` with fp32 tables) takes
+    about six passes and four fp32 temporaries; the product is taken in fp32 in both, then rounded once.
+    """
+    wide = x.float()
+    rotate_pairs_(wide, rot)
+    return x.copy_(wide)
 
 
 def rotate_half_reference(x: torch.Tensor) -> torch.Tensor:
