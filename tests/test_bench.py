@@ -132,7 +132,7 @@ def test_cli_bench_writes_json_and_table(tmp_path, capsys):
 def test_cli_bench_rejects_bad_arguments(capsys):
     assert main(["bench", "--models", "huge-999"]) == 2
     assert "unknown size 'huge-999'" in capsys.readouterr().err
-    assert main(["bench", "--models", "test-56", "--dtype", "bf16"]) == 2
+    assert main(["bench", "--models", "test-56", "--dtype", "fp16"]) == 2
     assert "--device cuda" in capsys.readouterr().err
 
 
@@ -206,3 +206,13 @@ def test_bench_floor_ratios_follow_from_the_measured_times(capsys):
     assert "| test-56 | infer | ours |" in text and "| test-56 | train | timm |" in text
     assert main(["bench", "--models", "test-56", "--floor", "--impls", "ours"]) == 2
     assert "keep timm" in capsys.readouterr().err
+    assert main(["bench", "--models", "test-56", "--floor", "--dtype", "bf16"]) == 2
+    assert "--dtype fp32" in capsys.readouterr().err
+
+
+@needs_timm
+def test_cli_bench_bf16_on_cpu(capsys):
+    rc = main(["bench", "--models", "test-56", "--rounds", "1", "--threads", "1", "--dtype", "bf16", "--train"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "bf16" in out and "| test-56 | 2 | ours |" in out and "error" not in out

@@ -40,7 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also time the unavoidable kernels (matmuls, attention, conv) alone: the fastest one could be",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="inference with the weights in this dtype, training under its autocast (fp16: CUDA only)",
+    )
     p.add_argument("--mmp-site", default=None, metavar="DIR", help="folder holding an mmpretrain install")
     p.add_argument("--json", default=None, metavar="OUT", help="write the full report (all rounds) here")
     p.set_defaults(func=run)
@@ -59,10 +64,10 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise CliError("--device cuda was given but no CUDA device is visible; use --device cpu")
-    elif args.dtype != "fp32":
-        raise CliError("--dtype bf16/fp16 is for --device cuda; CPU numbers are fp32")
-    if args.floor and (args.device != "cpu" or "timm" not in args.impls):
-        raise CliError("--floor measures CPU fp32 against timm: use --device cpu and keep timm in --impls")
+    elif args.dtype == "fp16":
+        raise CliError("--dtype fp16 is for --device cuda; on CPU use fp32 or bf16")
+    if args.floor and (args.device != "cpu" or args.dtype != "fp32" or "timm" not in args.impls):
+        raise CliError("--floor measures CPU fp32 against timm: use --device cpu --dtype fp32 and keep timm in --impls")
     extra = [args.mmp_site] if args.mmp_site else []
     try:
         report = bench.run_benchmark(
