@@ -7,7 +7,7 @@ alike; the reported numbers are medians over rounds.
 
     python benchmarks/profile_model.py speed --size tiny --img 336 --batch 8
     python benchmarks/profile_model.py speed --size base --img 448 --batch 2 --compile
-    python benchmarks/profile_model.py train --size tiny --img 336 --batch 8
+    python benchmarks/profile_model.py train --size tiny --img 336 --batch 8 [--bf16]
     python benchmarks/profile_model.py memory --size base --img 448 --batch 2
     python benchmarks/profile_model.py ops --size tiny --img 336 --batch 8
     python benchmarks/profile_model.py speed --before 6e26f6d   # also our blocks as of a git revision
@@ -108,6 +108,8 @@ def cmd_speed(a: argparse.Namespace) -> None:
     x = torch.randn(a.batch, 3, a.img, a.img)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), tm(x), atol=1e-4, rtol=0)
+    if a.bf16:  # weights and input in bfloat16
+        tm, ours, x = tm.bfloat16(), ours.bfloat16(), x.bfloat16()
     fns: dict[str, Callable[[], object]] = {}
     mode = torch.inference_mode if a.inference_mode else torch.no_grad
 
@@ -121,7 +123,7 @@ def cmd_speed(a: argparse.Namespace) -> None:
     fns["timm"] = wrap(tm)
     fns["ours"] = wrap(ours)
     if a.before:
-        fns[f"ours@{a.before}"] = wrap(model_at(a.before, ours))
+        fns[f"ours@{a.before}"] = wrap(model_at(a.before, ours).to(x.dtype))
     if a.compile:
         if a.freezing:  # inference-only: constant-fold the weights and prepack them for oneDNN linears
             torch._inductor.config.freezing = True
@@ -139,12 +141,13 @@ def cmd_speed(a: argparse.Namespace) -> None:
     report(times, a.batch)
 
 
-def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> Callable[[], object]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
 
     def step() -> object:
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -157,13 +160,14 @@ def cmd_train(a: argparse.Namespace) -> None:
     tm, ours = build_pair(a.size, a.img, depth=a.depth)
     x = torch.randn(a.batch, 3, a.img, a.img)
     y = torch.randint(0, 1000, (a.batch,))
-    fns = {"timm": train_step_fn(tm, x, y), "ours": train_step_fn(ours, x, y)}
+    fns = {"timm": train_step_fn(tm, x, y, a.bf16), "ours": train_step_fn(ours, x, y, a.bf16)}
     if a.before:
-        fns[f"ours@{a.before}"] = train_step_fn(model_at(a.before, ours), x, y)
+        fns[f"ours@{a.before}"] = train_step_fn(model_at(a.before, ours), x, y, a.bf16)
     for f in fns.values():
         f()
     times = interleaved(fns, a.rounds, a.iters)
-    print(f"train step {a.size}-{a.img} batch {a.batch}, {torch.get_num_threads()} threads, median of {a.rounds}")
+    amp = ", bf16 autocast" if a.bf16 else ""
+    print(f"train step {a.size}-{a.img} batch {a.batch}{amp}, {torch.get_num_threads()} threads, median of {a.rounds}")
     report(times, a.batch)
 
 
@@ -299,6 +303,7 @@ def main() -> None:
     ap.add_argument("--train", action="store_true", help="ops: profile a training step")
     ap.add_argument("--inference-mode", action="store_true", help="speed: torch.inference_mode, not no_grad")
     ap.add_argument("--rss", action="store_true", help="memory: also peak RSS of fresh processes")
+    ap.add_argument("--bf16", action="store_true", help="speed: bf16 weights; train: bf16 autocast")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     {"speed": cmd_speed, "train": cmd_train, "memory": cmd_memory, "ops": cmd_ops, "explain": cmd_explain}[a.cmd](a)

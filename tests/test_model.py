@@ -185,7 +185,7 @@ def test_bf16_inference_takes_the_in_place_rotation_and_equals_the_real_form(sub
 
 @pytest.mark.parametrize("sub_ln", [False, True])
 def test_bf16_autocast_training_gradients_follow_fp32(sub_ln):
-    """bf16 autocast takes the real-form RoPE and the gate function in bf16: every gradient follows fp32."""
+    """bf16 autocast takes the RoPE (widened to fp32) and gate functions in bf16: every gradient follows fp32."""
     m = make(10, sub_ln=sub_ln).train()
     with torch.no_grad():  # peaked attention, so that the gradients depend on the rotation
         for blk in m.blocks:

@@ -102,6 +102,33 @@ def test_half_precision_in_place_rotation_equals_real_form(dtype):
     assert torch.equal(qkv[:, 0], before[:, 0]), "the class token's identity rotation keeps it bit-identical"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_training_rotation_rounds_once(dtype):
+    """The training function in half precision: outputs and the qkv gradient are the exact (float64)
+    rotation rounded once to the half dtype, as the fp32 product then one rounding gives."""
+    from eva02.model.layers import _RotateSplit
+    from eva02.model.rope import rope_complex
+
+    cos, sin = rope_tables((6, 6), 64, num_prefix=1, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 37, 3, 4, 64, generator=g).to(dtype)
+    grads_out = [torch.randn(2, 4, 37, 64, generator=g).to(dtype) for _ in range(3)]
+
+    exact = qkv.double().requires_grad_()
+    q, k = (t.transpose(1, 2) for t in apply_rope(exact[:, :, :2], cos[:, None, None], sin[:, None, None]).unbind(2))
+    ref_outs = (q, k, exact[:, :, 2].transpose(1, 2))
+    torch.autograd.backward(ref_outs, [t.double() for t in grads_out])
+
+    x = qkv.clone().requires_grad_()
+    outs = _RotateSplit.apply(x, rope_complex(cos, sin).to(torch.complex64)[:, None])
+    torch.autograd.backward(outs, grads_out)
+    assert x.grad.dtype == dtype and all(o.dtype == dtype for o in outs)
+    eps = torch.finfo(dtype).eps
+    for ours, ref in [*zip(outs, ref_outs, strict=True), (x.grad, exact.grad)]:
+        err = (ours.double() - ref.detach()).abs()
+        assert (err <= eps * ref.detach().abs() + 1e-6).all(), err.max().item()
+
+
 def test_training_functions_pass_gradcheck():
     """The hand-written backwards of the training forms of RoPE+split and the SwiGLU gate."""
     from eva02.model.layers import _RotateSplit, _SiluGate

@@ -73,6 +73,8 @@ class _RotateSplit(torch.autograd.Function):
     heads is a view, not one more saved copy. The backward writes the three gradients straight into one
     (B, T, 3, h, hd) gradient of qkv: no zero-filled full-size gradients per view, no stacking, and none
     of the copies of the whole gradient that autograd makes for an in-place rotation of a view.
+    In half precision (bf16 autocast) the complex products are taken on fp32 copies of q and k (and
+    of their gradients), rounded once into the half-precision buffers.
     """
 
     @staticmethod
@@ -80,17 +82,20 @@ class _RotateSplit(torch.autograd.Function):
         B, T, _, h, hd = qkv.shape
         out = qkv.new_empty(3, B, T, h, hd)
         dst = out.permute(1, 2, 0, 3, 4)  # (B, T, 3, h, hd) view
-        torch.mul(_pairs(qkv[:, :, :2]), rot[:, None], out=_pairs(dst[:, :, :2]))  # rot: (T, 1, hd/2)
+        if qkv.dtype in (torch.float32, torch.float64):
+            torch.mul(_pairs(qkv[:, :, :2]), rot[:, None], out=_pairs(dst[:, :, :2]))  # rot: (T, 1, hd/2)
+        else:  # half precision has no complex dtype: the product in fp32, rounded once into the output
+            dst[:, :, :2].copy_(rotate_pairs_(qkv[:, :, :2].float(), rot[:, None]))
         dst[:, :, 2].copy_(qkv[:, :, 2])
         ctx.save_for_backward(rot)
-        ctx.shape = qkv.shape
+        ctx.shape, ctx.dtype = qkv.shape, qkv.dtype
         return out[0].transpose(1, 2), out[1].transpose(1, 2), out[2].transpose(1, 2)
 
     @staticmethod
     @once_differentiable  # the backward writes into buffers: no graph of it for higher-order gradients
     def backward(ctx, gq: torch.Tensor | None, gk: torch.Tensor | None, gv: torch.Tensor | None):
         (rot,) = ctx.saved_tensors
-        grad = rot.real.new_empty(ctx.shape)  # (B, T, 3, h, hd)
+        grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=rot.device)  # (B, T, 3, h, hd)
         back = rot.conj()  # a rotation's transpose is the opposite rotation
         for i, g in enumerate((gq, gk, gv)):
             dst = grad[:, :, i]  # (B, T, h, hd)
@@ -100,6 +105,8 @@ class _RotateSplit(torch.autograd.Function):
             g = g.transpose(1, 2)  # attention returns gradients laid out as its inputs: dense here
             if i == 2:
                 dst.copy_(g)
+            elif g.dtype not in (torch.float32, torch.float64):  # half precision: through fp32, as forward
+                dst.copy_(rotate_pairs_(g.float().contiguous(), back))
             else:
                 if g.stride(-1) != 1 or any(st % 2 for st in g.stride()[:-1]):
                     g = g.contiguous()
@@ -168,9 +175,8 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, bias) if ws is None else ws.linear(x, self.qkv.weight, bias)
         qkv = qkv.view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, h, hd)
         half = qkv.dtype not in (torch.float32, torch.float64)
-        if rope is not None and (traced() or (half and qkv.requires_grad)):
-            # Real arithmetic for compilers and exporters (no complex dtype; the compiler fuses it) and for
-            # half-precision training (bfloat16 has no complex counterpart; the product is taken in fp32).
+        if rope is not None and traced():
+            # Real arithmetic for compilers and exporters (no complex dtype; the compiler fuses it).
             cos, sin = rope.cos[:, None, None, :], rope.sin[:, None, None, :]  # (T, 1, 1, hd)
             q, k = (t.transpose(1, 2) for t in apply_rope(qkv[:, :, :2], cos, sin).unbind(2))  # (B, h, T, hd)
             v = qkv[:, :, 2].transpose(1, 2)
