@@ -11,6 +11,7 @@ export that fails never leaves a partial file behind.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
@@ -99,13 +100,28 @@ def _batch_dim():
     return torch.export.Dim("batch", min=1, max=MAX_BATCH)
 
 
+@contextlib.contextmanager
+def separate_projections(model: nn.Module):
+    """Within the block: attention and SwiGLU modules of `model` trace q/k/v and gate/value as separate
+    products (see `layers.Attention.forward`); the previous setting is restored afterwards."""
+    mods = [m for m in model.modules() if hasattr(m, "separate_projections")]
+    before = [m.separate_projections for m in mods]
+    for m in mods:
+        m.separate_projections = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(mods, before, strict=True):
+            m.separate_projections = b
+
+
 def _export_onnx(model: nn.Module, x: torch.Tensor, path: str, dynamic_batch: bool) -> None:
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter's dependency; fail early with a clear message)
     except ImportError as e:
         raise ImportError("ONNX export needs onnxscript: pip install 'onnxscript>=0.2' onnx onnxruntime") from e
     shapes = {"x": {0: _batch_dim()}} if dynamic_batch else None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), separate_projections(model):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,

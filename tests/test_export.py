@@ -46,6 +46,11 @@ def test_onnx_dynamic_batch(model, tmp_path):
     proto = onnx.load(str(path))
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+    # q, k, v and SwiGLU's gate and value come from their own products: no Split of fused outputs
+    # (a copy in graph runtimes), and the caller's model is left in its eager layout
+    ops = [n.op_type for n in proto.graph.node]
+    assert "Split" not in ops
+    assert not any(m.separate_projections for m in model.modules() if hasattr(m, "separate_projections"))
     _check_batches(path, model, "onnx")
 
 

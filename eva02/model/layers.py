@@ -168,9 +168,32 @@ class Attention(nn.Module):
         # of zeros per call; non-persistent, so it is neither a parameter nor a checkpoint key.
         self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
         self.proj = nn.Linear(dim, dim)
+        self.separate_projections = False  # see `Attention.forward`; set by `eva02.export` for ONNX
+
+    def _separate(self, x: torch.Tensor, rope: RopeTables | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, h, T, hd) from three products on slices of the fused weight (real-form RoPE)."""
+        B, T, D = x.shape
+        w = self.qkv.weight
+        q, k, v = (
+            F.linear(x, w[:D], self.q_bias),
+            F.linear(x, w[D : 2 * D]),  # the k bias is zero
+            F.linear(x, w[2 * D :], self.v_bias),
+        )
+        q, k, v = (t.view(B, T, self.heads, self.head_dim) for t in (q, k, v))
+        if rope is not None:
+            cos, sin = rope.cos[:, None, :], rope.sin[:, None, :]  # (T, 1, hd)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, rope: RopeTables | None, ws: Workspace | None = None) -> torch.Tensor:
         B, T, D = x.shape
+        if self.separate_projections and traced():
+            # For graph runtimes without views (ONNX): slicing the fused qkv output, splitting it and
+            # permuting heads are copies there; three products on weight slices (constants, folded at
+            # export) write q, k and v directly. Same numbers; eager and compiled PyTorch keep the fused form.
+            q, k, v = self._separate(x, rope)
+            x = F.scaled_dot_product_attention(q, k, v)
+            return self.proj(x.transpose(1, 2).reshape(B, T, D))
         bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias) if ws is None else ws.linear(x, self.qkv.weight, bias)
         qkv = qkv.view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, h, hd)
@@ -203,8 +226,13 @@ class SwiGLU(nn.Module):
         self.w12 = nn.Linear(dim, 2 * hidden)
         self.norm = nn.LayerNorm(hidden, eps=eps) if sub_ln else nn.Identity()
         self.w3 = nn.Linear(hidden, dim)
+        self.separate_projections = False  # ONNX export: gate and value from two products (no Split)
 
     def forward(self, x: torch.Tensor, ws: Workspace | None = None) -> torch.Tensor:
+        if self.separate_projections and traced():
+            H = self.w12.weight.shape[0] // 2
+            w, b = self.w12.weight, self.w12.bias
+            return self.w3(self.norm(F.silu(F.linear(x, w[:H], b[:H])) * F.linear(x, w[H:], b[H:])))
         x = self.w12(x) if ws is None else ws.linear(x, self.w12.weight, self.w12.bias)
         if x.requires_grad and not traced():
             return self.w3(self.norm(_SiluGate.apply(x)))
