@@ -123,3 +123,18 @@ def test_cli_export_errors(tmp_path, capsys):
     )
     assert rc == 2
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.skipif(not HAVE_ORT or importlib.util.find_spec("timm") is None, reason="onnxruntime and timm needed")
+def test_onnx_runtime_comparison_script():
+    import importlib.util as iu
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "onnx_compare.py"
+    spec = iu.spec_from_file_location("onnx_compare", path)
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.compare("test-56", threads=1, rounds=2)
+    assert r["max_abs_diff"] < 1e-4  # the two exports compute the same function
+    assert r["ours"]["img_s"] > 0 and r["timm"]["img_s"] > 0
+    assert r["x_timm"] == pytest.approx(r["ours"]["img_s"] / r["timm"]["img_s"])
