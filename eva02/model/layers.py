@@ -173,7 +173,7 @@ class Attention(nn.Module):
     def _separate(self, x: torch.Tensor, rope: RopeTables | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v (B, h, T, hd) from three products on slices of the fused weight (real-form RoPE)."""
         B, T, D = x.shape
-        w = self.qkv.weight
+        w, x = self.qkv.weight, x.reshape(B * T, D)  # 2-D products: one Gemm each, bias included
         q, k, v = (
             F.linear(x, w[:D], self.q_bias),
             F.linear(x, w[D : 2 * D]),  # the k bias is zero
@@ -182,7 +182,11 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, self.heads, self.head_dim) for t in (q, k, v))
         if rope is not None:
             cos, sin = rope.cos[:, None, :], rope.sin[:, None, :]  # (T, 1, hd)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # The pair swap of the real form as a product with a permutation matrix: exact (one term
+            # per output, times 1), and one GEMM in graph runtimes, where `flip` is a strided copy.
+            hd = self.head_dim
+            swap = torch.eye(hd, dtype=q.dtype, device=q.device).view(hd // 2, 2, hd).flip(1).reshape(hd, hd)
+            q, k = (t * cos + (t @ swap) * sin for t in (q, k))
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, rope: RopeTables | None, ws: Workspace | None = None) -> torch.Tensor:
@@ -193,7 +197,7 @@ class Attention(nn.Module):
             # export) write q, k and v directly. Same numbers; eager and compiled PyTorch keep the fused form.
             q, k, v = self._separate(x, rope)
             x = F.scaled_dot_product_attention(q, k, v)
-            return self.proj(x.transpose(1, 2).reshape(B, T, D))
+            return self.proj(x.transpose(1, 2).reshape(B * T, D)).view(B, T, D)
         bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias) if ws is None else ws.linear(x, self.qkv.weight, bias)
         qkv = qkv.view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, h, hd)
@@ -230,9 +234,10 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, ws: Workspace | None = None) -> torch.Tensor:
         if self.separate_projections and traced():
-            H = self.w12.weight.shape[0] // 2
-            w, b = self.w12.weight, self.w12.bias
-            return self.w3(self.norm(F.silu(F.linear(x, w[:H], b[:H])) * F.linear(x, w[H:], b[H:])))
+            H, shape = self.w12.weight.shape[0] // 2, x.shape
+            w, b, x = self.w12.weight, self.w12.bias, x.reshape(-1, shape[-1])  # 2-D: Gemm with its bias
+            h = self.norm(F.silu(F.linear(x, w[:H], b[:H])) * F.linear(x, w[H:], b[H:]))
+            return self.w3(h).view(shape)
         x = self.w12(x) if ws is None else ws.linear(x, self.w12.weight, self.w12.bias)
         if x.requires_grad and not traced():
             return self.w3(self.norm(_SiluGate.apply(x)))
