@@ -138,3 +138,17 @@ def test_onnx_runtime_comparison_script():
     assert r["max_abs_diff"] < 1e-4  # the two exports compute the same function
     assert r["ours"]["img_s"] > 0 and r["timm"]["img_s"] > 0
     assert r["x_timm"] == pytest.approx(r["ours"]["img_s"] / r["timm"]["img_s"])
+
+
+def test_programs_on_pytorch_kernels_keep_the_complex_rope(model, tmp_path):
+    """torch.export programs and TorchScript traces run on PyTorch's kernels, which take the one-pass
+    complex RoPE product; ONNX (no complex type) gets real arithmetic."""
+    ep = torch.export.load(str(export_model(model, "exported-program", tmp_path / "m.pt2")))
+    assert any("view_as_complex" in str(n.target) for n in ep.graph.nodes if n.op == "call_function")
+    ts = torch.jit.load(str(export_model(model, "torchscript", tmp_path / "m.ts")))
+    assert "view_as_complex" in str(ts.inlined_graph)
+    if HAVE_ORT:
+        import onnx
+
+        proto = onnx.load(str(export_model(model, "onnx", tmp_path / "m.onnx")))
+        assert all(t.data_type != onnx.TensorProto.COMPLEX64 for t in proto.graph.initializer)

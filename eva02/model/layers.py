@@ -13,12 +13,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from eva02.model.rope import RopeTables, apply_rope, rotate_pairs_, rotate_pairs_widened_
+from eva02.model.rope import RopeTables, apply_rope, rope_complex, rotate_pairs_, rotate_pairs_widened_
 
 
 def traced() -> bool:
     """True under torch.compile / torch.export / jit tracing, where in-place and complex tricks do not pay."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def complex_graph() -> bool:
+    """True while tracing a program that will run on PyTorch's own kernels (a torch.export program, a
+    TorchScript trace), which can keep complex products; torch.compile (inductor generates no complex
+    code) and ONNX export (no complex type) take real arithmetic."""
+    return (torch.compiler.is_exporting() or torch.jit.is_tracing()) and not torch.onnx.is_in_onnx_export()
 
 
 class Workspace:
@@ -203,9 +210,15 @@ class Attention(nn.Module):
         qkv = qkv.view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, h, hd)
         half = qkv.dtype not in (torch.float32, torch.float64)
         if rope is not None and traced():
-            # Real arithmetic for compilers and exporters (no complex dtype; the compiler fuses it).
-            cos, sin = rope.cos[:, None, None, :], rope.sin[:, None, None, :]  # (T, 1, 1, hd)
-            q, k = (t.transpose(1, 2) for t in apply_rope(qkv[:, :, :2], cos, sin).unbind(2))  # (B, h, T, hd)
+            if complex_graph() and not half:
+                # Programs that run on PyTorch's kernels: one out-of-place complex product for q and k.
+                rot = rope.rot if rope.rot is not None else rope_complex(rope.cos, rope.sin)
+                qk = torch.view_as_real(_pairs(qkv[:, :, :2]) * rot[:, None, None, :]).flatten(-2)
+            else:
+                # Real arithmetic for torch.compile (inductor has no complex code; it fuses this into one
+                # kernel), ONNX (no complex type) and half precision.
+                qk = apply_rope(qkv[:, :, :2], rope.cos[:, None, None, :], rope.sin[:, None, None, :])
+            q, k = (t.transpose(1, 2) for t in qk.unbind(2))  # (B, h, T, hd)
             v = qkv[:, :, 2].transpose(1, 2)
         elif rope is not None and qkv.requires_grad:  # autograd records: training form
             q, k, v = _RotateSplit.apply(qkv, rope.rot[:, None, :])  # (B, h, T, hd) each
