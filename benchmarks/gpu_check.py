@@ -6,6 +6,7 @@ Runs ours and timm side by side on the same GPU in one process (timm is the refe
 - inference img/s (bf16 weights, eager and torch.compile) and MFU against a bf16 matmul measured here;
 - a bf16-autocast training step (forward + backward + AdamW) img/s and peak memory;
 - FSDP2 (`fully_shard` per block) on a one-process group: one step, loss equal to the unsharded model's;
+- small-336 bf16 kernel floor (GEMMs, attention, conv replayed alone) of ours and timm;
 - small-336 compiled bf16, ours vs timm, with the top CUDA kernels of each (last: it compiles twice).
 Writes a JSON file (argument 1, default gpu_results.json). Usage: python benchmarks/gpu_check.py OUT.json
 
@@ -164,6 +165,21 @@ def profile_small_compiled():
     return row
 
 
+@section("small_floor")
+def floor_small():
+    """small-336 bf16: the unavoidable kernels (GEMMs, flash attention, conv) of ours and timm replayed
+    alone and summed (eva02.bench.bench_floor); compare with the compiled img/s of small_compiled_profile."""
+    from eva02 import bench
+
+    size = bench.SIZES["test-56" if DRY else "small-336"]
+    res = bench.bench_floor(size, ("ours", "timm"), rounds=10, batch=batch(32), device=DEV, dtype="bf16")
+    for impl in ("ours", "timm"):
+        res[impl]["kernels"] = [
+            {k: e[k] for k in ("kind", "args", "calls", "ms")} for e in res[impl]["kernels"][:8]
+        ]  # the largest kernels only
+    return res
+
+
 @section("sdpa_flash")
 def check_flash():
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -313,6 +329,7 @@ def main() -> None:
     bench_inference(peak)
     bench_train()
     check_fsdp2()
+    floor_small()
     profile_small_compiled()
 
 

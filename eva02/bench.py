@@ -370,8 +370,9 @@ class KernelRecorder:
         e = self.entries.get(key)
         if e is None:
             shapes = ", ".join(_describe(a) for a in args if isinstance(a, (torch.Tensor, list, tuple)))
+            dtype = next((str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor)), "")
             e = self.entries[key] = {
-                "kind": kind, "op": str(func), "args": shapes, "calls": 0,
+                "kind": kind, "op": str(func), "args": shapes, "dtype": dtype, "calls": 0,
                 "_replay": (func, _clone_arg(args), {k: _clone_arg(v) for k, v in kwargs.items()}),
             }  # fmt: skip
         e["calls"] += 1
@@ -415,31 +416,44 @@ def kernel_floor(fn: Callable[[], object], rounds: int = 5, device: torch.device
     return {"floor_ms": sum(totals.values()), **{f"{kind}_ms": t for kind, t in totals.items()}, "kernels": kernels}
 
 
-def bench_floor(size: BenchSize, impls: Sequence[str] = ("ours", "timm"), rounds: int = 5, train: bool = False,
-                batch: int | None = None) -> dict:  # fmt: skip
-    """Per implementation: its kernel floor (see `kernel_floor`) and its measured time, same run, CPU fp32.
+def bench_floor(
+    size: BenchSize,
+    impls: Sequence[str] = ("ours", "timm"),
+    rounds: int = 5,
+    train: bool = False,
+    batch: int | None = None,
+    device: str = "cpu",
+    dtype: str = "fp32",
+) -> dict:
+    """Per implementation: its kernel floor (see `kernel_floor`) and its measured time, same run.
 
     `ceiling_x_timm` is timm's measured time over an implementation's floor: the largest speed-up over
     timm that implementation could reach by removing everything but its matrix products, attention
-    and convolution.
+    and convolution. With `dtype` bf16/fp16, inference runs with the weights in that dtype and
+    training under its autocast, as in `bench_size`.
     """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    dev = torch.device(device)
     B = batch or size.batch
     cfg = size.config()
-    x = torch.randn(B, 3, size.img_size, size.img_size)
-    y = torch.randint(0, cfg.num_classes, (B,))
+    x = torch.randn(B, 3, size.img_size, size.img_size, device=dev)
+    y = torch.randint(0, cfg.num_classes, (B,), device=dev)
+    amp = None if dtype == "fp32" else DTYPES[dtype]
     out: dict = {"batch": B, "img_size": size.img_size, "variant": size.variant, "mode": "train" if train else "infer",
-                 "impls": list(impls)}  # fmt: skip
+                 "impls": list(impls), "device": device, "dtype": dtype}  # fmt: skip
     fns = {}
     for impl in impls:
-        m = build_model(impl, cfg)
+        m = build_model(impl, cfg).to(dev)
         if train:
             opt = torch.optim.AdamW(m.train().parameters(), lr=1e-5)
-            fns[impl] = lambda m=m, opt=opt: _train_step(m, opt, x, y, None)
+            fns[impl] = lambda m=m, opt=opt: _train_step(m, opt, x, y, amp)
         else:
-            fns[impl] = _infer_fn(m.eval(), x)
+            fns[impl] = _infer_fn(m.eval().to(DTYPES[dtype]), x.to(DTYPES[dtype]))
         fns[impl]()  # warm (tables, allocator) before recording
-        out[impl] = kernel_floor(fns[impl], rounds)
-    times = time_interleaved(fns, rounds)
+        _sync(dev)
+        out[impl] = kernel_floor(fns[impl], rounds, dev)
+    times = time_interleaved(fns, rounds, device=dev)
     for impl in impls:
         out[impl]["measured_ms"] = 1000 * statistics.median(times[impl])
         out[impl]["floor_share"] = out[impl]["floor_ms"] / out[impl]["measured_ms"]
@@ -619,8 +633,8 @@ def run_benchmark(
 ) -> dict:
     """The whole side-by-side run: machine, matmul peak, and per size timings, memory and ratios.
 
-    With `floor` (CPU fp32, with timm), each size also gets `bench_floor` for inference (and for the
-    training step with `train`).
+    With `floor` (with timm), each size also gets `bench_floor` for inference (and for the training
+    step with `train`), on the same device and in the same dtype.
     """
     for name in sizes:
         get_size(name)  # fail on a typo before minutes of measuring
@@ -644,7 +658,7 @@ def run_benchmark(
         if floor:
             if log:
                 log(f"{name}: kernel floor")
-            res["floor"] = {mode: bench_floor(size, impls, rounds, mode == "train", batch)
+            res["floor"] = {mode: bench_floor(size, impls, rounds, mode == "train", batch, device, dtype)
                             for mode in (("infer", "train") if train else ("infer",))}  # fmt: skip
         report["results"][name] = add_derived(res, peak)
         # Compiled graphs keep their models alive; drop them before the next (bigger) size.

@@ -206,8 +206,12 @@ def test_bench_floor_ratios_follow_from_the_measured_times(capsys):
     assert "| test-56 | infer | ours |" in text and "| test-56 | train | timm |" in text
     assert main(["bench", "--models", "test-56", "--floor", "--impls", "ours"]) == 2
     assert "keep timm" in capsys.readouterr().err
-    assert main(["bench", "--models", "test-56", "--floor", "--dtype", "bf16"]) == 2
-    assert "--dtype fp32" in capsys.readouterr().err
+    bf16 = bench.bench_floor(bench.SIZES["test-56"], rounds=1, dtype="bf16", train=True)
+    assert bf16["dtype"] == "bf16" and bf16["ours"]["floor_ms"] > 0
+    # under bf16 autocast the products run in bf16 (the recorder sees the kernels actually called)
+    assert {k["dtype"] for k in bf16["ours"]["kernels"] if k["kind"] == "gemm"} == {"bfloat16"}
+    fp32 = res["ours"]["kernels"]
+    assert {k["dtype"] for k in fp32 if k["kind"] == "gemm"} == {"float32"}
 
 
 @needs_timm
