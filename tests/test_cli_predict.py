@@ -199,3 +199,19 @@ def test_features_bad_image_and_errors(files, capsys, tmp_path):
     assert rc == 2 and "must end in .npy or .safetensors" in err
     rc, _, err = run_cli(capsys, "features", str(imgs), "--checkpoint", ckpt, "-o", str(out), "--out-indices", "7")
     assert rc == 2 and "out of range for a 2-block model" in err
+
+
+def test_predict_progress_bar_only_on_a_terminal(files, capsys, monkeypatch):
+    """Over several batches a bar is drawn on a terminal; in logs (stderr not a TTY) it stays silent
+    instead of being redrawn after every result line."""
+    root, imgs = files
+    argv = ["predict", str(imgs), "--checkpoint", str(root / "cls.safetensors"), "--json", "-b", "1", "--workers", "0"]
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 0 and len(out.splitlines()) == 3
+    assert "img/s" not in err and "predict:" not in err
+
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 0 and len(out.splitlines()) == 3 and "predict:" in err

@@ -89,8 +89,10 @@ def worker_count(args: argparse.Namespace, num_images: int) -> int:
 
 
 def progress(total: int, batch_size: int, desc: str) -> tqdm:
-    """A stderr progress bar, shown only when there is more than one batch."""
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=total <= batch_size, leave=False)
+    """A stderr progress bar, shown only when there is more than one batch and stderr is a terminal
+    (in logs, every result line written past the bar would repeat it)."""
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=True if total <= batch_size else None,
+                leave=False)  # fmt: skip
 
 
 def warn(cmd: str, msg: str) -> None:
