@@ -152,3 +152,24 @@ def test_programs_on_pytorch_kernels_keep_the_complex_rope(model, tmp_path):
 
         proto = onnx.load(str(export_model(model, "onnx", tmp_path / "m.onnx")))
         assert all(t.data_type != onnx.TensorProto.COMPLEX64 for t in proto.graph.initializer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onnx_layout_computes_the_same_model(model, monkeypatch, dtype):
+    """The separate-projection layout traced for ONNX, run eagerly: same outputs as the fused layout,
+    in fp32 and bf16 (q, k and v stay in the model's dtype)."""
+    import copy
+
+    from eva02.export import separate_projections
+    from eva02.model import layers
+
+    m = copy.deepcopy(model).to(dtype)
+    x = torch.randn(2, 3, 56, 56).to(dtype)
+    with torch.no_grad():
+        ref = m(x)
+        monkeypatch.setattr(layers, "traced", lambda: True)  # the layout is only taken while tracing
+        with separate_projections(m):
+            got = m(x)
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol * ref.float().abs().max().item(), rtol=0)

@@ -193,7 +193,7 @@ class Attention(nn.Module):
             # per output, times 1), and one GEMM in graph runtimes, where `flip` is a strided copy.
             hd = self.head_dim
             swap = torch.eye(hd, dtype=q.dtype, device=q.device).view(hd // 2, 2, hd).flip(1).reshape(hd, hd)
-            q, k = (t * cos + (t @ swap) * sin for t in (q, k))
+            q, k = ((t * cos + (t @ swap) * sin).to(t.dtype) for t in (q, k))
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, rope: RopeTables | None, ws: Workspace | None = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ class token is untouched bit for bit.
 
 Eager code rotates in place with one complex product per pair (`rope_complex`, `rotate_pairs_`, and
 `rotate_pairs_widened_` for half precision); `apply_rope` is the same rotation in real arithmetic, for
-compilers, exporters and half-precision training.
+torch.compile and ONNX export (neither has complex kernels).
 """
 
 from __future__ import annotations
