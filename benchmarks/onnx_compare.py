@@ -2,7 +2,7 @@
 
 Ours is exported with `eva02.export.export_model` (what `eva02 export --format onnx` writes); timm's
 model with `torch.onnx.export(dynamo=True)` at the same opset. Both run on onnxruntime's CPU provider
-with the same thread count, timed in interleaved rounds (order alternating), medians reported.
+with the same thread count, timed in interleaved rounds (`eva02.bench.time_interleaved`), medians reported.
 
     python benchmarks/onnx_compare.py --sizes tiny-336 base-448 --threads 2 --rounds 9
 """
@@ -13,7 +13,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -52,14 +51,8 @@ def compare(size: str, threads: int = 2, rounds: int = 5) -> dict:
     """img/s of both exports on onnxruntime and their ratio (ours / timm)."""
     with tempfile.TemporaryDirectory() as tmp:
         sess, xn, diff = sessions(size, threads, Path(tmp))
-        times: dict[str, list[float]] = {k: [] for k in sess}
-        names = list(sess)
-        for r in range(rounds):
-            for name in names[r % 2 :] + names[: r % 2]:
-                s = sess[name]
-                t0 = time.perf_counter()
-                s.run(None, {s.get_inputs()[0].name: xn})
-                times[name].append(time.perf_counter() - t0)
+        fns = {name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: xn})) for name, s in sess.items()}
+        times = bench.time_interleaved(fns, rounds)  # the order rotates every round
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "batch": len(xn),

@@ -67,6 +67,11 @@ class Workspace:
         return out.view(*x.shape[:-1], weight.shape[0])
 
 
+def _has_complex(x: torch.Tensor) -> bool:
+    """Whether x's dtype has a complex counterpart (half precision has none: RoPE goes through fp32)."""
+    return x.dtype in (torch.float32, torch.float64)
+
+
 def _pairs(x: torch.Tensor) -> torch.Tensor:
     """x (..., hd) as hd/2 complex numbers (a + ib per interleaved pair); a view, no copy."""
     return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
@@ -89,7 +94,7 @@ class _RotateSplit(torch.autograd.Function):
         B, T, _, h, hd = qkv.shape
         out = qkv.new_empty(3, B, T, h, hd)
         dst = out.permute(1, 2, 0, 3, 4)  # (B, T, 3, h, hd) view
-        if qkv.dtype in (torch.float32, torch.float64):
+        if _has_complex(qkv):
             torch.mul(_pairs(qkv[:, :, :2]), rot[:, None], out=_pairs(dst[:, :, :2]))  # rot: (T, 1, hd/2)
         else:  # half precision has no complex dtype: the product in fp32, rounded once into the output
             dst[:, :, :2].copy_(rotate_pairs_(qkv[:, :, :2].float(), rot[:, None]))
@@ -112,7 +117,7 @@ class _RotateSplit(torch.autograd.Function):
             g = g.transpose(1, 2)  # attention returns gradients laid out as its inputs: dense here
             if i == 2:
                 dst.copy_(g)
-            elif g.dtype not in (torch.float32, torch.float64):  # half precision: through fp32, as forward
+            elif not _has_complex(g):  # half precision: through fp32, as forward
                 dst.copy_(rotate_pairs_(g.float().contiguous(), back))
             else:
                 if g.stride(-1) != 1 or any(st % 2 for st in g.stride()[:-1]):
@@ -208,7 +213,7 @@ class Attention(nn.Module):
         bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias) if ws is None else ws.linear(x, self.qkv.weight, bias)
         qkv = qkv.view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, h, hd)
-        half = qkv.dtype not in (torch.float32, torch.float64)
+        half = not _has_complex(qkv)
         if rope is not None and traced():
             if complex_graph() and not half:
                 # Programs that run on PyTorch's kernels: one out-of-place complex product for q and k.
