@@ -7,7 +7,11 @@ Runs ours and timm side by side on the same GPU in one process (timm is the refe
 - a bf16-autocast training step (forward + backward + AdamW) img/s and peak memory;
 - FSDP2 (`fully_shard` per block) on a one-process group: one step, loss equal to the unsharded model's;
 - small-336 bf16 kernel floor (GEMMs, attention, conv replayed alone) of ours and timm;
-- small-336 compiled bf16, ours vs timm, with the top CUDA kernels of each (last: it compiles twice).
+- small-336 compiled bf16, ours vs timm, with the top CUDA kernels of each, the summed kernel time per
+  call against the wall time per call, and ours with its RoPE tables passed in rather than built in
+  the compiled graph;
+- compiled bf16 inference of the remaining sizes (tiny, large), ours vs timm, while `BUDGET_S` (seconds
+  since start, default unlimited) allows: compilations cost device time.
 Writes a JSON file (argument 1, default gpu_results.json). Usage: python benchmarks/gpu_check.py OUT.json
 
 `DEVICE=cpu` rehearses every section on the CPU with 2-block models at 56 px and small batches (gloo
@@ -30,7 +34,8 @@ from eva02.model import VARIANTS, Eva02
 from eva02.weights.convert import to_ours
 
 RESULTS: dict = {}
-QUICK = os.environ.get("QUICK") == "1"  # fewer models and compilations, for a short device slot
+BUDGET_S = float(os.environ.get("BUDGET_S", "inf"))  # optional sections are skipped past this
+T_START = time.time()
 OUT_PATH = sys.argv[1] if len(sys.argv) > 1 else "gpu_results.json"
 DEV = os.environ.get("DEVICE", "cuda")
 DRY = DEV == "cpu"  # the CPU rehearsal: tiny shapes, same code paths
@@ -135,8 +140,10 @@ def check_train_grads():
     return out
 
 
-def kernel_table(fn, rows: int = 12) -> list[str]:
-    """Top CUDA kernels of one call of `fn` by total device time (torch.profiler)."""
+def kernel_table(fn, rows: int = 14) -> dict:
+    """Top CUDA kernels of one call of `fn` by total device time (torch.profiler), with the number of
+    kernel launches and their summed device time: against the wall time per call, the time the GPU
+    waited for the host (launch-bound) or for nothing (kernel-bound)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU if DRY else ProfilerActivity.CUDA]) as prof:
@@ -144,24 +151,58 @@ def kernel_table(fn, rows: int = 12) -> list[str]:
         if not DRY:
             torch.cuda.synchronize()
     sort = "self_cpu_time_total" if DRY else "device_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
-    return table.splitlines()
+    avg = prof.key_averages()
+    table = avg.table(sort_by=sort, row_limit=rows, max_name_column_width=70)
+    if DRY:
+        kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+        total_us = sum(e.self_cpu_time_total for e in avg)
+    else:
+        kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        total_us = sum(e.self_device_time_total for e in avg)
+    return {"launches": len(kern), "kernel_ms": total_us / 1000, "table": table.splitlines()}
+
+
+def over_budget() -> bool:
+    return time.time() - T_START > BUDGET_S
 
 
 @section("small_compiled_profile")
 def profile_small_compiled():
-    """small-336 compiled bf16, ours vs timm: img/s and the kernels behind any gap."""
+    """small-336 compiled bf16, ours vs timm: img/s and the kernels behind any gap.
+
+    `ours_fixed_rope` is ours with the RoPE tables handed to the compiled graph as inputs instead of
+    being computed inside it (the compiled `rope_for` builds them from the grid on every call)."""
+    from eva02.model.rope import RopeTables
+
     ours, ref, cfg = pair("small", 336)
     ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
     bs = batch(32)
     x = torch.randn(bs, 3, cfg.img_size, cfg.img_size, device=DEV, dtype=torch.bfloat16)
-    row = {}
-    for name, m in (("ours", torch.compile(ours)), ("timm", torch.compile(ref))):
+    grid = ours.grid_of(x)
+    t = ours.rope_for(grid, x.device)  # eager: cached fp32 tables
+    fixed = RopeTables(t.cos, t.sin, None)
+    ours_fixed = pair("small", 336)[0].to(torch.bfloat16)
+    ours_fixed.rope_for = lambda grid, device: fixed  # an instance attribute: dynamo inlines it
+    row = {"batch": bs}
+    variants = [("ours", torch.compile(ours)), ("timm", torch.compile(ref))]
+    if not over_budget():
+        variants.append(("ours_fixed_rope", torch.compile(ours_fixed)))
+    for name, m in variants:
         with torch.inference_mode():
+            t0 = time.time()
             m(x)
-            sec = timed(lambda m=m: m(x), 20)
-            row[name] = {"img_s": bs / sec, "kernels": kernel_table(lambda m=m: m(x))}
+            sync()
+            first = time.time() - t0
+            secs = [timed(lambda m=m: m(x), 20) for _ in range(3)]
+            sec = min(secs)
+            row[name] = {"img_s": bs / sec, "wall_ms": 1000 * sec, "rounds_ms": [1000 * v for v in secs],
+                         "first_call_s": first, "kernels": kernel_table(lambda m=m: m(x))}  # fmt: skip
+    # interleave one more pass of each, so a clock change between models shows as a spread
+    with torch.inference_mode():
+        for name, m in variants:
+            row[name]["again_img_s"] = bs / timed(lambda m=m: m(x), 20)
     row["ratio"] = row["ours"]["img_s"] / row["timm"]["img_s"]
+    row["ratio_again"] = row["ours"]["again_img_s"] / row["timm"]["again_img_s"]
     return row
 
 
@@ -197,8 +238,8 @@ def check_flash():
 @section("inference_bf16")
 def bench_inference(peak: float):
     rows = {}
-    sizes = (("tiny", 336, 256), ("base", 448, 64), ("large", 448, 32))
-    for size, img, bs in sizes[:2] if QUICK else sizes:
+    sizes = (("tiny", 336, 256), ("small", 336, 128), ("base", 448, 64), ("large", 448, 32))
+    for size, img, bs in sizes:
         ours, ref, cfg = pair(size, img)
         ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
         bs = batch(bs)
@@ -206,16 +247,13 @@ def bench_inference(peak: float):
         macs = count_flops(cfg)
         row = {"batch": bs}
         variants = [("ours_eager", ours), ("timm_eager", ref)]
-        if size == "base":  # compile the headline size only: compilation costs device time
-            variants += [("ours_compile", torch.compile(ours))]
-            if not QUICK:
-                variants += [("timm_compile", torch.compile(ref))]
+        if size == "base":  # the headline size here; the others in `compiled_rest`, if time allows
+            variants += [("ours_compile", torch.compile(ours)), ("timm_compile", torch.compile(ref))]
         for name, m in variants:
             with torch.inference_mode():
                 t0 = time.time()
                 m(x)  # compile happens here for compiled variants
-                if not DRY:
-                    torch.cuda.synchronize()
+                sync()
                 first = time.time() - t0
                 sec = timed(lambda m=m, x=x: m(x), 10)
             row[name] = {"img_s": bs / sec, "mfu": 2 * macs * bs / sec / peak, "first_call_s": first}
@@ -261,6 +299,47 @@ def bench_train():
         row["ratio"] = row["ours"]["img_s"] / row["timm"]["img_s"]
         rows[f"{size}-{img}"] = row
     return rows
+
+
+@section("compiled_rest")
+def bench_compiled_rest(peak: float):
+    """Compiled bf16 inference of tiny-336 and large-448 (batch 32, as the earlier GPU table), ours vs
+    timm, each compiled model measured in two interleaved passes; skipped past BUDGET_S."""
+    rows = {}
+    for size, img in (("tiny", 336), ("large", 448)):
+        if over_budget():
+            rows[f"{size}-{img}"] = "skipped: over BUDGET_S"
+            continue
+        ours, ref, cfg = pair(size, img)
+        ours, ref = ours.to(torch.bfloat16), ref.to(torch.bfloat16)
+        bs = batch(32)
+        x = torch.randn(bs, 3, cfg.img_size, cfg.img_size, device=DEV, dtype=torch.bfloat16)
+        macs = count_flops(cfg)
+        fns = {"ours": torch.compile(ours), "timm": torch.compile(ref)}
+        row = {"batch": bs}
+        with torch.inference_mode():
+            for name, m in fns.items():
+                t0 = time.time()
+                m(x)
+                sync()
+                row[name] = {"first_call_s": time.time() - t0, "img_s": []}
+            for _ in range(2):
+                for name, m in fns.items():
+                    row[name]["img_s"].append(bs / timed(lambda m=m, x=x: m(x), 20))
+        for name in fns:
+            best = max(row[name]["img_s"])
+            row[name]["mfu"] = 2 * macs * best / peak
+        row["ratio"] = max(row["ours"]["img_s"]) / max(row["timm"]["img_s"])
+        rows[f"{size}-{img}"] = row
+        del ours, ref, fns
+        if not DRY:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def sync() -> None:
+    if not DRY:
+        torch.cuda.synchronize()
 
 
 def reset_peak() -> None:
@@ -331,6 +410,7 @@ def main() -> None:
     check_fsdp2()
     floor_small()
     profile_small_compiled()
+    bench_compiled_rest(peak)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def test_gpu_check_rehearsal_on_cpu_runs_every_section(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     sections = {"parity", "train_grad_parity", "sdpa_flash", "inference_bf16", "train_bf16", "fsdp2",
-                "small_floor", "small_compiled_profile"}  # fmt: skip
+                "small_floor", "small_compiled_profile", "compiled_rest"}  # fmt: skip
     assert sections <= set(res)
     errors = {k: res[k]["trace"] for k in sections if "error" in res[k]}
     assert not errors, errors
@@ -33,5 +33,9 @@ def test_gpu_check_rehearsal_on_cpu_runs_every_section(tmp_path):
     assert res["train_grad_parity"]["base"]["max_abs_grad_diff"] < 1e-4
     assert res["fsdp2"]["param_types"] == ["DTensor"] and res["fsdp2"]["max_abs_loss_diff"] < 1e-2
     assert res["inference_bf16"]["base-448"]["ratio_compile"] > 0
-    assert res["small_compiled_profile"]["ours"]["kernels"]
+    prof = res["small_compiled_profile"]
+    assert prof["ours"]["kernels"]["table"] and prof["ours"]["kernels"]["launches"] > 0
+    assert prof["ours_fixed_rope"]["img_s"] > 0 and prof["ratio"] > 0
+    assert res["compiled_rest"]["large-448"]["ratio"] > 0
+    assert set(res["inference_bf16"]) == {"tiny-336", "small-336", "base-448", "large-448"}
     assert res["small_floor"]["ours"]["floor_ms"] > 0 and res["small_floor"]["timm"]["kernels"]
