@@ -35,7 +35,8 @@ def test_gpu_check_rehearsal_on_cpu_runs_every_section(tmp_path):
     assert res["inference_bf16"]["base-448"]["ratio_compile"] > 0
     prof = res["small_compiled_profile"]
     assert prof["ours"]["kernels"]["table"] and prof["ours"]["kernels"]["launches"] > 0
-    assert prof["ours_fixed_rope"]["img_s"] > 0 and prof["ratio"] > 0
-    assert res["compiled_rest"]["large-448"]["ratio"] > 0
+    assert prof["ours_residual_out_of_place"]["img_s"] > 0 and prof["ratio"] > 0
+    assert res["compiled_rest"]["large-448"]["ratio"] > 0 and "partial" not in res["compiled_rest"]
+    assert (tmp_path / "ours_small_code.py").stat().st_size > 0 and (tmp_path / "timm_small_code.py").exists()
     assert set(res["inference_bf16"]) == {"tiny-336", "small-336", "base-448", "large-448"}
     assert res["small_floor"]["ours"]["floor_ms"] > 0 and res["small_floor"]["timm"]["kernels"]

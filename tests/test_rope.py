@@ -166,3 +166,54 @@ def test_training_gate_saves_only_its_input():
     s = torch.sigmoid(gate)
     expected = torch.cat([value * s * (1 + gate * (1 - s)), gate * s], -1)
     torch.testing.assert_close(x12.grad, expected)
+
+
+def _tiny_model(img: int = 56):
+    from eva02.model import VARIANTS, Eva02
+
+    return Eva02(VARIANTS["tiny"].replace(img_size=img, depth=2, num_classes=10))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_rope_tables_stay_fp32_and_exact_when_the_model_is_cast(dtype):
+    m = _tiny_model()
+    want_cos, want_sin = rope_tables((4, 4), m.cfg.head_dim, m.cfg.ref_grid, m.cfg.rope_theta, num_prefix=1)
+    m = m.to(dtype)
+    assert m.patch_embed.proj.weight.dtype == dtype, "the model itself was cast"
+    assert m.rope_cos.dtype == torch.float32 and m.rope_sin.dtype == torch.float32
+    assert torch.equal(m.rope_cos, want_cos) and torch.equal(m.rope_sin, want_sin)
+    assert "rope_cos" not in m.state_dict() and "rope_sin" not in m.state_dict()
+
+
+def test_native_rope_tables_of_an_uninitialised_build_and_after_a_resize():
+    from eva02.model import Eva02
+
+    ref = _tiny_model()
+    m = Eva02.uninitialized(ref.cfg)  # to_empty: the buffers would otherwise hold garbage
+    assert torch.equal(m.rope_cos, ref.rope_cos) and torch.equal(m.rope_sin, ref.rope_sin)
+    m.set_img_size(84)  # 6x6 grid
+    cos, sin = rope_tables((6, 6), m.cfg.head_dim, m.cfg.ref_grid, m.cfg.rope_theta, num_prefix=1)
+    assert torch.equal(m.rope_cos, cos) and torch.equal(m.rope_sin, sin)
+
+
+def test_compiled_graph_takes_the_native_tables_as_inputs():
+    """Built inside the graph, the tables cost sin/cos work in every call (on CUDA, inductor folded it
+    into every block's RoPE kernel); at the native grid the graph must only read the buffers."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def trig_ops(gm) -> list[str]:
+        names = [str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+        return [t for t in names if "cos" in t or "sin" in t]
+
+    m = _tiny_model().eval()
+    with torch.no_grad():
+        x = torch.randn(2, 3, 56, 56)
+        torch.testing.assert_close(torch.compile(m, backend=capture)(x), m(x), atol=1e-5, rtol=1e-5)
+        assert len(graphs) == 1 and trig_ops(graphs[0]) == []
+        torch._dynamo.reset()
+        torch.compile(m, backend=capture)(torch.randn(2, 3, 70, 70))  # another grid: built in the graph
+        assert trig_ops(graphs[-1])

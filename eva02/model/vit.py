@@ -59,6 +59,9 @@ class Eva02(nn.Module):
         self.reuse_buffers = True  # CPU inference: blocks share one buffer for qkv and w12 (layers.Workspace)
         self._rope_cache: dict[tuple, RopeTables] = {}
         self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
+        self._build_native_rope(None)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -68,9 +71,28 @@ class Eva02(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         model = model.to_empty(device=device)
-        for blk in model.blocks:  # the only buffers: constant zeros that no checkpoint carries
+        for blk in model.blocks:  # constant zeros that no checkpoint carries (RoPE tables: see _apply)
             blk.attn.k_bias.zero_()
         return model
+
+    def _build_native_rope(self, device: torch.device | None) -> None:
+        """The native grid's RoPE tables in fp32 as non-persistent buffers (`rope_cos`, `rope_sin`).
+
+        Compiled and exported graphs take them as inputs: built inside a graph, the tables were
+        recomputed on every call, and inductor folded their sin/cos into every block's RoPE kernel.
+        """
+        c = self.cfg
+        cos, sin = rope_tables((c.grid, c.grid), c.head_dim, c.ref_grid, c.rope_theta, num_prefix=1, device=device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def _apply(self, fn, recurse: bool = True):
+        # Every move, cast or `to_empty` goes through here. The tables are rebuilt afterwards on their
+        # new device, so that casting the model to bf16/fp16 never rounds them (the rotation is taken in
+        # fp32 in every path) and `to_empty` never leaves them uninitialised.
+        super()._apply(fn, recurse)
+        self._build_native_rope(self.rope_cos.device)
+        self._rope_cache.clear()  # entries may hold the tables replaced here
+        return self
 
     # ----------------------------------------------------------------------------------- set-up
     @torch.no_grad()
@@ -115,6 +137,7 @@ class Eva02(nn.Module):
         self.pos_embed = nn.Parameter(pos, requires_grad=self.pos_embed.requires_grad)
         self.cfg = new
         self._pos_cache.clear()
+        self._build_native_rope(self.rope_cos.device)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head (num_classes > 0) keeping the backbone; fc_norm is created if missing."""
@@ -140,11 +163,15 @@ class Eva02(nn.Module):
     def rope_for(self, grid: tuple[int, int], device: torch.device) -> RopeTables:
         """RoPE tables (real and complex) for a grid, computed once per (grid, device), shared by every block.
 
-        Under torch.compile / torch.export the real tables are built inside the graph (constants the
-        compiler folds) instead: reading and filling the dict would make the second call recompile.
+        Under torch.compile / torch.export the native grid's tables are the `rope_cos`/`rope_sin`
+        buffers (graph inputs), and other grids' real tables are built inside the graph: reading and
+        filling the dict would make the second call recompile.
         """
         c = self.cfg
+        native = grid == (c.grid, c.grid) and self.rope_cos.device == torch.device(device)
         if torch.compiler.is_compiling():
+            if native:
+                return RopeTables(self.rope_cos, self.rope_sin, None)
             cos, sin = rope_tables(grid, c.head_dim, c.ref_grid, c.rope_theta, num_prefix=1, device=device)
             return RopeTables(cos, sin, None)  # compiled code takes the real form (see layers.traced)
         key = (grid, device)
@@ -152,7 +179,10 @@ class Eva02(nn.Module):
         if tables is None:
             # Normal tensors even when first built under inference_mode, so a later training step may save them.
             with torch.inference_mode(False):
-                cos, sin = rope_tables(grid, c.head_dim, c.ref_grid, c.rope_theta, num_prefix=1, device=device)
+                if native:
+                    cos, sin = self.rope_cos, self.rope_sin
+                else:
+                    cos, sin = rope_tables(grid, c.head_dim, c.ref_grid, c.rope_theta, num_prefix=1, device=device)
                 tables = RopeTables(cos, sin, rope_complex(cos, sin))
             self._rope_cache[key] = tables
         return tables
