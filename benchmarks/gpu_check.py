@@ -48,11 +48,14 @@ TIMM_NAMES = {
 }
 
 
-def pair(size: str, img: int):
+def pair(size: str, img: int, depth: int | None = None):
+    """Ours and timm (eval, on DEV) with the same random weights; `depth` cuts both to that many blocks."""
     import timm
 
-    small = {"img_size": 56, "depth": 2} if DRY else {}
-    cfg = VARIANTS[size].replace(img_size=img, num_classes=1000).replace(**small)
+    small = {"img_size": 56, "depth": 2} if DRY else {"img_size": img}
+    if depth is not None:
+        small["depth"] = depth
+    cfg = VARIANTS[size].replace(num_classes=1000, **small)
     torch.manual_seed(0)
     ref = timm.create_model(TIMM_NAMES[size], pretrained=False, num_classes=1000, **small)
     ours = Eva02(cfg)
@@ -202,10 +205,7 @@ def profile_small_compiled():
         variants.append(("ours_residual_out_of_place", torch.compile(alt)))
     for name, m in variants:
         with torch.inference_mode():
-            t0 = time.time()
-            m(x)
-            sync()
-            first = time.time() - t0
+            first = first_call(m, x)
             secs = [timed(lambda m=m: m(x), 20) for _ in range(3)]
             sec = min(secs)
             row[name] = {"img_s": bs / sec, "wall_ms": 1000 * sec, "rounds_ms": [1000 * v for v in secs],
@@ -219,17 +219,9 @@ def profile_small_compiled():
     row["ratio"] = row["ours"]["img_s"] / row["timm"]["img_s"]
     row["ratio_again"] = best["ours"] / best["timm"]
     del variants
-    small = {"depth": 2}
-    for name in ("ours", "timm"):  # the code inductor writes, for reading which kernels differ
-        import timm
-
-        torch.manual_seed(0)
-        if name == "ours":
-            m = Eva02(VARIANTS["small"].replace(img_size=cfg.img_size, num_classes=1000, **small))
-        else:
-            kw = {"img_size": cfg.img_size, **small}
-            m = timm.create_model(TIMM_NAMES["small"], pretrained=False, num_classes=1000, **kw)
-        m = m.to(DEV).eval().to(torch.bfloat16)
+    two_blocks = pair("small", 336, depth=2)[:2]
+    for name, m in zip(("ours", "timm"), two_blocks, strict=True):  # the code inductor writes, to compare
+        m = m.to(torch.bfloat16)
         with torch.inference_mode():
             _, code = run_and_get_code(torch.compile(m), x)
         with open(os.path.join(os.path.dirname(os.path.abspath(OUT_PATH)), f"{name}_small_code.py"), "w") as f:
@@ -282,10 +274,7 @@ def bench_inference(peak: float):
             variants += [("ours_compile", torch.compile(ours)), ("timm_compile", torch.compile(ref))]
         for name, m in variants:
             with torch.inference_mode():
-                t0 = time.time()
-                m(x)  # compile happens here for compiled variants
-                sync()
-                first = time.time() - t0
+                first = first_call(m, x)
                 sec = timed(lambda m=m, x=x: m(x), 10)
             row[name] = {"img_s": bs / sec, "mfu": 2 * macs * bs / sec / peak, "first_call_s": first}
         row["ratio_eager"] = row["ours_eager"]["img_s"] / row["timm_eager"]["img_s"]
@@ -293,8 +282,7 @@ def bench_inference(peak: float):
             row["ratio_compile"] = row["ours_compile"]["img_s"] / row["timm_compile"]["img_s"]
         rows[f"{size}-{img}"] = row
         del ours, ref
-        if not DRY:
-            torch.cuda.empty_cache()
+        empty_cache()
     return rows
 
 
@@ -350,10 +338,7 @@ def bench_compiled_rest(peak: float):
         row = {"batch": bs}
         with torch.inference_mode():
             for name, m in fns.items():
-                t0 = time.time()
-                m(x)
-                sync()
-                row[name] = {"first_call_s": time.time() - t0, "img_s": []}
+                row[name] = {"first_call_s": first_call(m, x), "img_s": []}
             for _ in range(2):
                 for name, m in fns.items():
                     row[name]["img_s"].append(bs / timed(lambda m=m, x=x: m(x), 20))
@@ -365,14 +350,26 @@ def bench_compiled_rest(peak: float):
         RESULTS["compiled_rest"] = {**rows, "partial": True}  # kept if the next size runs out of time
         save()
         del ours, ref, fns
-        if not DRY:
-            torch.cuda.empty_cache()
+        empty_cache()
     return rows
 
 
 def sync() -> None:
     if not DRY:
         torch.cuda.synchronize()
+
+
+def first_call(m, x) -> float:
+    """Seconds of the first call of `m` (for a compiled model: compilation included)."""
+    t0 = time.time()
+    m(x)
+    sync()
+    return time.time() - t0
+
+
+def empty_cache() -> None:
+    if not DRY:
+        torch.cuda.empty_cache()
 
 
 def reset_peak() -> None:

@@ -81,9 +81,12 @@ class Eva02(nn.Module):
         Compiled and exported graphs take them as inputs: built inside a graph, the tables were
         recomputed on every call, and inductor folded their sin/cos into every block's RoPE kernel.
         """
+        self.rope_cos, self.rope_sin = self._real_rope((self.cfg.grid, self.cfg.grid), device)
+
+    def _real_rope(self, grid: tuple[int, int], device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos and sign-folded sin tables (1 + H*W, head_dim) for a grid (see `rope.rope_tables`)."""
         c = self.cfg
-        cos, sin = rope_tables((c.grid, c.grid), c.head_dim, c.ref_grid, c.rope_theta, num_prefix=1, device=device)
-        self.rope_cos, self.rope_sin = cos, sin
+        return rope_tables(grid, c.head_dim, c.ref_grid, c.rope_theta, num_prefix=1, device=device)
 
     def _apply(self, fn, recurse: bool = True):
         # Every move, cast or `to_empty` goes through here. The tables are rebuilt afterwards on their
@@ -172,17 +175,13 @@ class Eva02(nn.Module):
         if torch.compiler.is_compiling():
             if native:
                 return RopeTables(self.rope_cos, self.rope_sin, None)
-            cos, sin = rope_tables(grid, c.head_dim, c.ref_grid, c.rope_theta, num_prefix=1, device=device)
-            return RopeTables(cos, sin, None)  # compiled code takes the real form (see layers.traced)
+            return RopeTables(*self._real_rope(grid, device), None)  # real form: see layers.traced
         key = (grid, device)
         tables = self._rope_cache.get(key)
         if tables is None:
             # Normal tensors even when first built under inference_mode, so a later training step may save them.
             with torch.inference_mode(False):
-                if native:
-                    cos, sin = self.rope_cos, self.rope_sin
-                else:
-                    cos, sin = rope_tables(grid, c.head_dim, c.ref_grid, c.rope_theta, num_prefix=1, device=device)
+                cos, sin = (self.rope_cos, self.rope_sin) if native else self._real_rope(grid, device)
                 tables = RopeTables(cos, sin, rope_complex(cos, sin))
             self._rope_cache[key] = tables
         return tables
