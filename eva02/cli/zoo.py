@@ -10,6 +10,7 @@ from typing import Any
 
 from eva02.cli import CliError
 from eva02.flops import count_flops, count_params, mmpretrain_macs, mmpretrain_params
+from eva02.weights.download import verification
 from eva02.weights.zoo import ZooEntry, list_models, resolve
 
 
@@ -45,7 +46,7 @@ def entry_info(e: ZooEntry, img_size: int | None = None) -> dict[str, Any]:
         "flops": count_flops(e.cfg, size),
         "flops_mmpretrain": mmpretrain_macs(e.cfg, size),
         "preprocess": asdict(e.preprocess),
-        "sources": [asdict(s) for s in e.sources],
+        "sources": [{**asdict(s), "verified_by": verification(s)} for s in e.sources],
         "weights_patch_size": e.weights_patch_size,
         "official_ema": e.official_ema,
         "page": {"params_m": e.page_params_m, "flops_g": e.page_flops_g, "top1": e.top1, "top5": e.top5},
@@ -114,8 +115,8 @@ def _info(args: argparse.Namespace) -> int:
         lines.append(f"  weights:     patch {info['weights_patch_size']} checkpoints, resampled at load")
     lines.append("  sources:")
     for s in info["sources"]:
-        digest = s["sha256"] or (f"sha256 {s['sha256_prefix']}..." if s["sha256_prefix"] else "no published sha256")
-        lines.append(f"    [{s['kind']}] {s['url']}  ({digest})")
+        lines.append(f"    [{s['kind']}] {s['url']}")
+        lines.append(f"        verified by: {s['verified_by']}")
     if info["notes"]:
         lines.append(f"  notes:       {info['notes']}")
     print("\n".join(lines))

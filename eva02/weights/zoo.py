@@ -8,8 +8,10 @@ Where the numbers come from:
 - mmpretrain's metafile names and URLs: `configs/eva02/metafile.yml` (its file names end in the first
   8 hex digits of the file's sha256, kept as `sha256_prefix`);
 - official file names: `EVA-02/asuka/README.md` of github.com/baaivision/EVA (files on the hub repo
-  `Yuxin-CV/EVA-02`); timm names and tags: `timm/models/eva.py` (files on the hub as `timm/<name>`).
-No full sha256 of these files is published, so none is recorded.
+  `Yuxin-CV/EVA-02`); timm names and tags: `timm/models/eva.py` (files on the hub as `timm/<name>`);
+- full sha256 digests: the "Git LFS Details" of the hub's file pages, recorded only for the files whose
+  page could be read (`_OFFICIAL_SHA256`). The other hub files are checked against the sha256 the hub
+  states at download time, and every download gets a format and size check (`weights/download.py`).
 """
 
 from __future__ import annotations
@@ -79,9 +81,22 @@ _HF_OFFICIAL = "https://huggingface.co/Yuxin-CV/EVA-02/resolve/main/eva02/"
 _MMP = "https://download.openmmlab.com/mmpretrain/v1.0/eva02/"
 
 
+# sha256 of official files, as the Git LFS details of their hub pages state them
+# (huggingface.co/Yuxin-CV/EVA-02/blob/main/eva02/<path>; all uploaded in the repo's commit 92194f7).
+# The files missing here had no page we could read: they get the hub's stated sha256 at download time.
+_OFFICIAL_SHA256 = {
+    "pt/eva02_B_pt_in21k_p14.pt": "e5950aad2b263ed6c5410dc6c73af3a9c0201e95d14db7e17f527251d792fa24",
+    "pt/eva02_L_pt_in21k_p14.pt": "8b8de52c6bb561b6e8b82d3ad949784e315400a72c6c0303cfcacad01af51635",
+    "pt/eva02_B_pt_in21k_p14to16.pt": "ba3d9c09683e4a8aea52e8575644102a8abab1786f8b7e5ead0c68d6a65b2d76",
+    "pt/eva02_L_pt_in21k_p14to16.pt": "7ad33c9cad01f8f6a3dba32264cdafaa1731e2be267f5072afaa214eb3591ac4",
+    "pt/eva02_L_pt_m38m_p14to16.pt": "9736d5e3e0c4b88081dd0615976e4d706ef5d7f8ed527a56e0a238c777a2b7e0",
+}
+
+
 def _official(path: str) -> WeightSource:
     """A file of the official hub repo, `path` relative to its `eva02/` folder (e.g. 'pt/x.pt')."""
-    return WeightSource("official", _HF_OFFICIAL + path, path.rsplit("/", 1)[-1], fmt="official")
+    sha = _OFFICIAL_SHA256.get(path)
+    return WeightSource("official", _HF_OFFICIAL + path, path.rsplit("/", 1)[-1], sha256=sha, fmt="official")
 
 
 def _timm(name: str) -> WeightSource:
@@ -188,7 +203,8 @@ _P16_NOTE = (
 def _p16_extra(file: str) -> dict:
     """Keyword arguments (notes, extra) of a p16 entry whose official p14to16 file is `file`."""
     url = _HF_OFFICIAL + "pt/" + file
-    return {"notes": _P16_NOTE.format(url=url), "extra": {"official_p14to16": url}}
+    extra = {"official_p14to16": url, "official_p14to16_sha256": _OFFICIAL_SHA256.get("pt/" + file)}
+    return {"notes": _P16_NOTE.format(url=url), "extra": extra}
 
 
 _ENTRIES = (
