@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from eva02.cli import CliError
+from eva02.fileio import atomic_write_text, check_output, describe_os_error
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -37,6 +38,9 @@ def register(sub) -> None:
     p.add_argument(
         "--resume", nargs="?", const="auto", help="'auto' (default when given alone): the work dir's last checkpoint"
     )
+    p.add_argument(
+        "--overwrite", action="store_true", help="start a new run in a work dir that holds one, deleting its files"
+    )
     p.add_argument("--seed", type=int, help="random seed (train.seed)")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     p.set_defaults(func=run_train)
@@ -47,7 +51,10 @@ def register(sub) -> None:
     p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
     p.add_argument("--per-class", action="store_true", help="also report per-class top-1")
     p.add_argument("--batch-size", type=int, default=0, help="evaluation batch per device")
-    p.add_argument("--out", help="JSON results file (default: WORK_DIR/test_<checkpoint>.json)")
+    p.add_argument(
+        "-o", "--out", help="JSON results file (default: test_<checkpoint>.json in the checkpoint's run folder)"
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing results file")
     p.set_defaults(func=run_test)
 
     p = sub.add_parser("plot", help="PNG curves (loss, lr, top-1) of a training work dir")
@@ -77,10 +84,12 @@ def run_train(args) -> int:
 
     cfg, task, work_dir = _resolve(args)
     try:
-        trainer = Trainer(cfg, work_dir, task, resume=args.resume)
+        trainer = Trainer(cfg, work_dir, task, resume=args.resume, overwrite=args.overwrite)
         metrics = trainer.fit()
     except TrainingError as e:
         raise CliError(str(e)) from None
+    except OSError as e:  # the work dir became unwritable or full outside a checkpoint write
+        raise CliError(f"work dir {work_dir}: {describe_os_error(e)}{_at(e)}") from None
     if trainer.info.is_main:
         shown = {k: v for k, v in metrics.items() if k != "per_class"}
         print(json.dumps(shown))
@@ -88,21 +97,40 @@ def run_train(args) -> int:
     return 0
 
 
+def _at(e: OSError) -> str:
+    return f" ({e.filename})" if e.filename else ""
+
+
+def results_path(args) -> Path:
+    """Where `eva02 test` writes: --out, else the --work-dir, else the checkpoint's run folder (the parent
+    of its `checkpoints/` folder, or the folder holding it)."""
+    if args.out:
+        return Path(args.out)
+    ck = Path(args.checkpoint).resolve()
+    folder = Path(args.work_dir) if args.work_dir else ck.parent
+    if not args.work_dir and folder.name == "checkpoints":
+        folder = folder.parent
+    return folder / f"test_{ck.stem}.json"
+
+
 def run_test(args) -> int:
     import torch
 
-    from eva02.engine.config import atomic_write_text
     from eva02.engine.dist import init_distributed
     from eva02.engine.evaluate import format_table
     from eva02.engine.evaluate import run_test as evaluate
 
-    cfg, _, work_dir = _resolve(args)
+    cfg, _, _ = _resolve(args)
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist; give a .pt or .safetensors file")
+    out = results_path(args)
+    if init_distributed().is_main:  # checked before the evaluation, not after it
+        check_output(out, inputs=[args.checkpoint], force=args.force)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
     metrics, classes = evaluate(cfg, args.checkpoint, args.use_ema or None, amp, args.batch_size)
     if not init_distributed().is_main:
         return 0
     print(format_table(metrics, classes, args.per_class))
-    out = Path(args.out) if args.out else work_dir / f"test_{Path(args.checkpoint).stem}.json"
     if not args.per_class:
         metrics = {k: v for k, v in metrics.items() if k != "per_class"}
     else:

@@ -26,8 +26,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str | None = None) -> DistInfo:
-    """Join the torchrun process group if WORLD_SIZE > 1 (nccl on GPUs, gloo on CPU); pick the device."""
+def init_distributed(device: str | None = None, timeout_s: float = 600) -> DistInfo:
+    """Join the torchrun process group if WORLD_SIZE > 1 (nccl on GPUs, gloo on CPU); pick the device.
+
+    `timeout_s` bounds every collective: a rank that stops answering (killed, stopped, hung) ends the
+    others with an error after that long instead of leaving them waiting.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -40,7 +44,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         kwargs = {"device_id": dev} if use_cuda else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return DistInfo(rank, world, local, dev)
 
 

@@ -7,6 +7,7 @@ padding keys (>= dataset size) and images that failed to load are left out of th
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ def evaluate_classifier(
     seen = torch.zeros(num_classes, dtype=torch.float64, device=device)
     extra = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, bad images
     for batch in loader:
+        for path, reason in batch.get("bad", ()):
+            print(f"warning: skipped unreadable validation image {path}: {reason}", file=sys.stderr)
         extra[1] += len(batch.get("bad", ()))
         if batch["images"] is None:
             continue

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from eva02.fileio import atomic_write_text
+
 
 class RunLog:
     """Append-only metric records: {'kind': 'train'|'eval'|'info', 'step': ..., ...}."""
@@ -36,6 +38,26 @@ class RunLog:
             for k, v in values.items():
                 if isinstance(v, int | float) and not isinstance(v, bool):
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def truncate_after(self, step: int) -> int:
+        """Drop records past `step` (written by a killed run after the checkpoint it resumes from), so
+        that every step appears once; returns how many were dropped. The file is rewritten atomically."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1  # a torn last line
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
+                dropped += 1
+                continue
+            kept.append(line + "\n")
+        if dropped:
+            atomic_write_text(self.path, "".join(kept))
+        return dropped
 
     def info(self, msg: str) -> None:
         if self.enabled:

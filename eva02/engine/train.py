@@ -12,6 +12,7 @@ import contextlib
 import copy
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 from eva02.data.datasets import EvalSampler, PaddedDataset, TrainSampler
 from eva02.engine import checkpoint as ckpt
 from eva02.engine.config import RunConfig, changed_keys, save_config
-from eva02.engine.dist import DistInfo, all_reduce_sum, barrier, init_distributed
+from eva02.engine.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed
 from eva02.engine.ema import ModelEma
 from eva02.engine.evaluate import autocast
 from eva02.engine.optim import build_optimizer
@@ -30,6 +31,10 @@ from eva02.engine.parallel import parallelize, unwrap
 from eva02.engine.runlog import RunLog, format_eta
 from eva02.engine.schedule import CosineSchedule
 from eva02.engine.tasks import ClassificationTask, Task
+from eva02.fileio import DirLock, OutputError, clean_stale_temps, describe_os_error
+
+# Model fields that change the parameter shapes: a checkpoint resumes only with the same values.
+ARCH_FIELDS = ("name", "patch_size", "depth", "dim", "heads", "mlp_hidden", "num_classes", "img_size")
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -104,10 +109,19 @@ class Trainer:
         task: Task | None = None,
         resume: str | None = None,
         info: DistInfo | None = None,
+        overwrite: bool = False,
     ) -> None:
         self.cfg, self.work_dir, self.task = cfg, Path(work_dir), task or ClassificationTask()
-        self.info = info or init_distributed()
-        t = cfg.train
+        self.info = info or init_distributed(timeout_s=cfg.train.dist_timeout_s)
+        self.lock: DirLock | None = None
+        try:
+            self._setup(resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, resume: str | None, overwrite: bool) -> None:
+        cfg, t = self.cfg, self.cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
         if t.deterministic:
@@ -115,8 +129,11 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         # The same seed on every rank: FSDP2 keeps each rank's own initial shard (no broadcast as in DDP).
         torch.manual_seed(t.seed)
+        resume_path, resume_state = self._claim_work_dir(resume, overwrite)
         self.log = RunLog(self.work_dir, self.info.is_main)
         if self.info.is_main:
+            for note in self._notes:
+                self.log.info(note)
             save_config(cfg, self.work_dir / "config.json")
         self.train_ds, self.val_ds = self.task.build_datasets(cfg)
         self.accum = accumulation(cfg, self.info.world_size)
@@ -150,23 +167,78 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.info.device.type, enabled=t.amp == "fp16")
         self.epoch, self.step_in_epoch, self.global_step, self.best = 0, 0, 0, -math.inf
-        self.bad_images = 0
-        path = ckpt.resolve_resume(resume, self.work_dir)
-        if path is not None:
-            self._resume(path)
+        self.bad_images = 0  # unreadable images met in the current epoch
+        if resume_path is not None:
+            self._resume(resume_path, resume_state)
+
+    # --------------------------------------------------------------------------------- work dir
+    def _claim_work_dir(self, resume: str | None, overwrite: bool) -> tuple[Path | None, dict | None]:
+        """Lock the work dir (rank 0), remove dead writers' temporaries, pick the checkpoint to resume,
+        and refuse to start a new run over a previous one unless `overwrite`. Errors reach every rank."""
+        self._notes: list[str] = []
+        error = None
+        if self.info.is_main:
+            try:
+                self.lock = DirLock(self.work_dir).acquire()
+                if self.lock.previous:
+                    held = self.lock.previous
+                    self._notes.append(f"note: took over the lock of a run that is no longer running ({held})")
+                stale = clean_stale_temps(self.work_dir) + clean_stale_temps(ckpt.ckpt_dir(self.work_dir))
+                if stale:
+                    self._notes.append(f"note: removed {len(stale)} temporary file(s) left by a killed run")
+            except (OSError, ValueError) as e:
+                error = e if isinstance(e, ValueError) else OutputError(f"work dir {self.work_dir}: {e}")
+        error = broadcast_object(str(error) if error else None)
+        if error:
+            raise OutputError(error)
+        warn = print if self.info.is_main else (lambda *_: None)
+        path, state = ckpt.resolve_resume(resume, self.work_dir, warn=lambda m: warn(m, file=sys.stderr))
+        error = None
+        if self.info.is_main and path is None:
+            previous = ckpt.previous_run_files(self.work_dir)
+            if previous and not overwrite:
+                shown = ", ".join(str(p.relative_to(self.work_dir)) for p in previous[:3])
+                error = (
+                    f"work dir {self.work_dir} already holds a run ({shown}); pass --resume to continue it, "
+                    "--overwrite to replace it, or choose another --work-dir"
+                )
+            elif previous:
+                ckpt.remove_run_files(self.work_dir)
+                self._notes.append(f"note: --overwrite: removed the previous run's files from {self.work_dir}")
+        error = broadcast_object(error)
+        if error:
+            raise OutputError(error)
+        return path, state
+
+    def close(self) -> None:
+        """Release the work-dir lock (the run's files stay)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ------------------------------------------------------------------------------ checkpoints
-    def _resume(self, path: Path) -> None:
-        state = ckpt.load(path)
+    def _resume(self, path: Path, state: dict) -> None:
         if state["global_batch"] != self.global_batch:
             raise ValueError(
                 f"{path} was trained with global batch {state['global_batch']}, this run has "
                 f"{self.global_batch}; set optim.global_batch={state['global_batch']} to resume"
             )
         changed = changed_keys(state.get("config", {}), self.cfg)
+        arch = [k for k in changed if k.split(".")[0] == "model" and k.split(".")[1] in ARCH_FIELDS]
+        if arch:
+            old = state["config"]["model"]
+            shown = ", ".join(f"{k}={old.get(k.split('.')[1])!r}" for k in arch)
+            raise ValueError(
+                f"{path} was trained with {shown}; this run changes the architecture, so it cannot resume: "
+                "drop those --set options, or start a new run in another --work-dir"
+            )
         if changed:
             self.log.info(f"note: resuming with settings changed since the checkpoint: {', '.join(changed)}")
-        ckpt.restore_state(self.model, self.optimizer, state)
+        try:
+            ckpt.restore_state(self.model, self.optimizer, state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0][:200]
+            raise ValueError(f"{path} does not fit this run's model ({first}); resume with the same config") from None
         self.schedule.load_state_dict(state["schedule"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
@@ -176,13 +248,26 @@ class Trainer:
             ckpt.set_rng_state(state["rng"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best = state["global_step"], state["best_top1"]
-        self.bad_images = state.get("bad_images", 0)
+        self.bad_images = state.get("bad_images", 0) if self.step_in_epoch else 0
+        self.log.truncate_after(self.global_step)  # records a killed run wrote past its checkpoint
         self.log.info(
             f"resumed from {path}: epoch {self.epoch + 1}, step {self.step_in_epoch}, global step {self.global_step}"
         )
 
+    def _newest_checkpoint(self) -> str:
+        last = ckpt.ckpt_dir(self.work_dir) / "last.pt"
+        return f"the newest good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
+
     def save(self, best: bool = False) -> None:
+        """Write a training checkpoint, only of finite weights; a failed write stops the run on every rank."""
+        bad = all_reduce_sum(ckpt.count_nonfinite(self.model).to(self.info.device))
+        if bad > 0:
+            raise TrainingError(
+                f"the weights became non-finite (NaN/Inf) by global step {self.global_step}; no checkpoint was "
+                f"written for it and {self._newest_checkpoint()}; lower optim.lr or set optim.clip_grad"
+            )
         model_sd, optim_sd = ckpt.gather_state(self.model, self.optimizer)  # collective under FSDP2
+        error = None
         if self.info.is_main:
             state = {
                 "config": self.cfg.to_dict(), "model": model_sd, "optimizer": optim_sd,
@@ -192,8 +277,13 @@ class Trainer:
                 "global_step": self.global_step, "global_batch": self.global_batch, "best_top1": self.best,
                 "bad_images": self.bad_images,
             }  # fmt: skip
-            ckpt.save(self.work_dir, state, self.global_step, self.cfg.checkpoint.keep_last, best=best)
-        barrier()
+            try:
+                ckpt.save(self.work_dir, state, self.global_step, self.cfg.checkpoint.keep_last, best=best)
+            except ckpt.CheckpointWriteError as e:
+                error = f"{e.strerror}; the run stopped at global step {self.global_step}, {self._newest_checkpoint()}"
+        error = broadcast_object(error)
+        if error:
+            raise TrainingError(error)
 
     # ---------------------------------------------------------------------------------- training
     def train_step(self, it) -> dict[str, float]:
@@ -215,18 +305,14 @@ class Trainer:
             loss_sum[0] += loss.detach().double() * batch["images"].shape[0]
             loss_sum[1] += batch["images"].shape[0]
         all_reduce_sum(loss_sum)
-        self.bad_images += int(loss_sum[3])
+        self.bad_images += int(loss_sum[3])  # each sample is read once per epoch: distinct files
         if self.bad_images > self.cfg.data.max_bad_fraction * len(self.train_ds):
             raise TrainingError(
-                f"{self.bad_images} unreadable images, more than data.max_bad_fraction="
+                f"{self.bad_images} unreadable images in epoch {self.epoch + 1}, more than data.max_bad_fraction="
                 f"{self.cfg.data.max_bad_fraction} of {len(self.train_ds)}; fix or remove them"
             )
         if loss_sum[2] > 0:
-            raise TrainingError(
-                f"non-finite loss at epoch {self.epoch + 1}, global step {self.global_step}; "
-                f"training stopped, the last good checkpoint is kept in {ckpt.ckpt_dir(self.work_dir)}"
-                "; lower optim.lr, use train.amp=bf16 or set optim.clip_grad"
-            )
+            self._stop_non_finite()
         if self.cfg.optim.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
@@ -239,6 +325,22 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         return {"loss": float(loss_sum[0] / loss_sum[1]), "lr": lr, "images": float(loss_sum[1])}
+
+    def _stop_non_finite(self) -> None:
+        """The weights after `global_step` updates gave a non-finite loss: checkpoints holding them (or
+        later ones) are set aside, so `last.pt` and the message point at weights that still train."""
+        kept = None
+        if self.info.is_main and self.global_step > 0:
+            kept = ckpt.discard_from(self.work_dir, self.global_step)
+        where = (
+            f"the newest good checkpoint is {kept}"
+            if kept
+            else f"no checkpoint before it is kept in {ckpt.ckpt_dir(self.work_dir)}"
+        )
+        raise TrainingError(
+            f"non-finite loss at epoch {self.epoch + 1}, global step {self.global_step + 1}; training stopped and "
+            f"{where}; lower optim.lr, use train.amp=bf16 or set optim.clip_grad"
+        )
 
     def evaluate(self) -> dict[str, Any]:
         if self.val_ds is None or not hasattr(self.task, "evaluate"):
@@ -255,6 +357,13 @@ class Trainer:
         return out
 
     def fit(self) -> dict[str, Any]:
+        """Train to the end of the schedule; the work-dir lock is released however it ends."""
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> dict[str, Any]:
         from tqdm import tqdm
 
         cfg, info = self.cfg, self.info
@@ -262,6 +371,8 @@ class Trainer:
         metrics: dict[str, Any] = {}
         t_start, steps_done = time.time(), 0
         while self.epoch < cfg.schedule.epochs and self.global_step < self.total_steps:
+            if self.step_in_epoch == 0:
+                self.bad_images = 0
             self.sampler.set_epoch(self.epoch, self.step_in_epoch)
             self.model.train()
             it = iter(loader)
@@ -321,20 +432,36 @@ class Trainer:
     def write_final(self) -> None:
         """Final weights (and EMA weights) in the package's safetensors format, loadable by get_model."""
         model_sd, _ = ckpt.gather_state(self.model, self.optimizer)
+        error = None
         if self.info.is_main:
-            # A task may train a wrapper (MIM: backbone + mask token + regressor) whose deliverable is
-            # the plain backbone; `export_model` picks it out so get_model can load the file.
-            export = getattr(self.task, "export_model", lambda m: m)
-            plain = self.task.build_model(self.cfg, load_init=False)
-            plain.load_state_dict(model_sd)
-            ckpt.save_weights(export(plain), self.work_dir / "final.safetensors")
-            if self.ema is not None:
-                ckpt.save_weights(export(self.ema.module), self.work_dir / "final_ema.safetensors")
-        barrier()
+            try:
+                self._write_final(model_sd)
+            except OSError as e:
+                error = f"cannot write the final weights to {self.work_dir}: {describe_os_error(e)}"
+        error = broadcast_object(error)
+        if error:
+            raise TrainingError(f"{error}; the training checkpoints are in {ckpt.ckpt_dir(self.work_dir)}")
+
+    def _write_final(self, model_sd: dict) -> None:
+        # A task may train a wrapper (MIM: backbone + mask token + regressor) whose deliverable is
+        # the plain backbone; `export_model` picks it out so get_model can load the file.
+        export = getattr(self.task, "export_model", lambda m: m)
+        plain = self.task.build_model(self.cfg, load_init=False)
+        plain.load_state_dict(model_sd)
+        ckpt.save_weights(export(plain), self.work_dir / "final.safetensors")
+        if self.ema is not None:
+            ckpt.save_weights(export(self.ema.module), self.work_dir / "final_ema.safetensors")
 
 
 def train(
-    cfg: RunConfig, work_dir: str | os.PathLike, resume: str | None = None, task: Task | None = None
+    cfg: RunConfig,
+    work_dir: str | os.PathLike,
+    resume: str | None = None,
+    task: Task | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Train (or resume: 'auto' or a checkpoint path) a run; returns the last evaluation metrics."""
-    return Trainer(cfg, work_dir, task, resume).fit()
+    """Train (or resume: 'auto' or a checkpoint path) a run; returns the last evaluation metrics.
+
+    A work dir that holds a previous run is refused unless `resume` or `overwrite` says what to do.
+    """
+    return Trainer(cfg, work_dir, task, resume, overwrite=overwrite).fit()
