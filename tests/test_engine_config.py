@@ -72,13 +72,13 @@ def test_overrides_are_typed() -> None:
 @pytest.mark.parametrize(
     "option, message",
     [
-        ("optim.lrr=1", "unknown config key 'optim.lrr'; valid keys in optim: lr, layer_decay"),
-        ("optimizer.lr=1", "unknown config section 'optimizer'"),
-        ("optim.lr=fast", "config key 'optim.lr' expects float, got 'fast'"),
-        ("data.batch_size=1.5", "config key 'data.batch_size' expects int, got 1.5"),
-        ("ema.enabled=maybe", "config key 'ema.enabled' expects bool"),
-        ("train.amp=fp8", "train.amp must be none, bf16 or fp16"),
-        ("optim.lr", "is not KEY=VALUE"),
+        ("optim.lrr=1", "--set: unknown config key 'optim.lrr'; valid keys in optim: lr, layer_decay"),
+        ("optimizer.lr=1", "--set: unknown config section 'optimizer'"),
+        ("optim.lr=fast", "--set: optim.lr='fast': expects float"),
+        ("data.batch_size=1.5", "--set: data.batch_size=1.5: expects int"),
+        ("ema.enabled=maybe", "--set: ema.enabled='maybe': expects bool"),
+        ("train.amp=fp8", "--set: train.amp='fp8': expects one of 'none', 'bf16', 'fp16'"),
+        ("optim.lr", "--set: config option 'optim.lr' is not KEY=VALUE"),
     ],
 )
 def test_bad_overrides_name_the_problem(option: str, message: str) -> None:
