@@ -76,7 +76,7 @@ def test_unreadable_images_are_skipped_counted_and_capped(tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert "skipped unreadable image" in err and "broken.png" in err
     strict = Trainer(_trainer_cfg(tmp_path, root, **{"data.max_bad_fraction": 0.0}), tmp_path / "strict")
-    with pytest.raises(TrainingError, match=r"1 unreadable images, more than data.max_bad_fraction=0.0 of 49"):
+    with pytest.raises(TrainingError, match=r"1 unreadable images in epoch 1, more than data.max_bad_fraction=0.0 of 49"):
         strict.fit()
 
 
@@ -135,3 +135,22 @@ def test_mixup_and_label_smoothing() -> None:
     xc, yc = cut(x, t, torch.Generator().manual_seed(1))
     area = float((xc[0, 0] == 3.0).float().mean())  # pixels pasted from the flipped batch
     assert yc[0, 2] == pytest.approx(area, abs=1e-6) and yc[0, 0] == pytest.approx(1 - area, abs=1e-6)
+
+
+def test_symlink_loops_and_unicode_names_are_listed_once(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from eva02.data.datasets import scan_folders
+    from eva02.data.images import iter_image_paths
+
+    cat = tmp_path / "train" / "cat"
+    cat.mkdir(parents=True)
+    for name in ("a.png", "ü ñ 猫.png", "e\u0301.png"):
+        Image.new("RGB", (8, 8)).save(cat / name)
+    (cat / "loop").symlink_to("..")  # a folder linking to its parent
+    (cat / "loop2").symlink_to(tmp_path / "train")
+    (cat / "self").symlink_to(".")
+    samples, classes = scan_folders(tmp_path / "train")
+    assert classes == ["cat"]
+    assert sorted(Path(p).name for p, _ in samples) == sorted(["a.png", "ü ñ 猫.png", "e\u0301.png"])
+    assert sorted(p.name for p in iter_image_paths(tmp_path / "train")) == sorted(Path(p).name for p, _ in samples)

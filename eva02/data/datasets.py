@@ -37,7 +37,13 @@ def scan_folders(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[s
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     samples = []
     for label, name in enumerate(classes):
+        seen: set[tuple[int, int]] = set()  # (device, inode) of folders walked: a symlink loop is walked once
         for dirpath, dirnames, files in os.walk(root / name, followlinks=True):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen:
+                dirnames[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for f in sorted(files):
                 if Path(f).suffix.lower() in IMAGE_EXTENSIONS and not f.startswith("."):
