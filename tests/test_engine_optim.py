@@ -119,7 +119,8 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path) -> None:
     root = write_digits(tmp_path / "d", limit=120)
     (tmp_path / "c.py").write_text(config_text(root, epochs=2, batch=8, global_batch=8, every_steps=2))
     trainer = Trainer(load_config(tmp_path / "c.py"), tmp_path / "wd", Exploding())
-    with pytest.raises(TrainingError, match="non-finite loss at epoch 1, global step 4.*newest good checkpoint is .*step_00000002.pt"):
+    msg = "non-finite loss at epoch 1, global step 4.*newest good checkpoint is .*step_00000002.pt"
+    with pytest.raises(TrainingError, match=msg):
         trainer.fit()
     last = torch.load(tmp_path / "wd" / "checkpoints" / "last.pt", weights_only=True)
     assert last["global_step"] == 2  # the checkpoint before the bad step is kept
