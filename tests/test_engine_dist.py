@@ -81,3 +81,65 @@ def test_two_process_checkpoint_resumes_in_one_process(runs: dict) -> None:
     w1, w2 = load_file(runs["one"] / "final.safetensors"), load_file(wd / "final.safetensors")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=1e-4)
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (read from /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int, deadline: float) -> int:
+    import time
+
+    while time.time() < deadline:
+        for pid in _children(launcher.pid):
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return pid
+        time.sleep(0.2)
+    raise AssertionError("the torchrun workers did not start")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
+def test_a_dead_or_stopped_rank_ends_the_run_promptly(runs: dict, sig: str) -> None:
+    """A rank killed (or stopped) mid-run: the other rank stops within the collective timeout
+    (train.dist_timeout_s, 8 s here) instead of waiting for the default 30 minutes."""
+    import os
+    import signal
+    import time
+
+    wd = runs["tmp"] / f"dead_{sig}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
+           str(ROOT / "tools/train.py"), str(runs["cfg"]), "--work-dir", str(wd), "--set", "train.max_steps=400",
+           "schedule.epochs=50", "train.dist_timeout_s=8"]  # fmt: skip
+    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        victim = _rank_pid(launcher, 1, time.time() + 120)
+        deadline = time.time() + 120
+        while not (wd / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.1)  # training has started
+        os.kill(victim, getattr(signal, sig))
+        t0 = time.time()
+        rc = launcher.wait(timeout=120)
+        took = time.time() - t0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for pid in _children(launcher.pid):
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert rc != 0
+    assert took < 60, f"the run took {took:.0f} s to stop after {sig} of rank 1"

@@ -285,3 +285,40 @@ def test_lock_is_released_after_fit_and_error(digits: Path, tmp_path: Path) -> N
     with pytest.raises(OutputError):
         Trainer(cfg, tmp_path / "wd", task)  # a previous run: refused, and the lock is not kept
     DirLock(tmp_path / "wd").acquire().release()
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume(digits: Path, tmp_path: Path) -> None:
+    """Killed while the second checkpoint is half written: the temporary is removed at the next start and
+    the run resumes from the first checkpoint, never from a torn file."""
+    cfg = _cfg_file(tmp_path, digits, max_steps=4, every_steps=2)
+    wd = tmp_path / "wd"
+    code = (
+        "import sys, time, torch\n"
+        "real, calls = torch.save, []\n"
+        "def save(obj, f, *a, **k):\n"
+        "    calls.append(f)\n"
+        "    if len(calls) == 2:\n"
+        "        open(f, 'wb').write(b'PK\\x03\\x04' + bytes(4096))\n"
+        "        print('writing', flush=True)\n"
+        "        time.sleep(120)\n"
+        "    return real(obj, f, *a, **k)\n"
+        "torch.save = save\n"
+        "from eva02.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    cmd = [sys.executable, "-c", code, "train", str(cfg), "--work-dir", str(wd)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        while (line := proc.stdout.readline()) and line.strip() != "writing":
+            pass
+        assert line.strip() == "writing"
+        temps = [p for p in (wd / "checkpoints").iterdir() if p.name.startswith(".")]
+        assert len(temps) == 1  # the half-written step-4 checkpoint, under a temporary name
+    finally:
+        proc.kill()
+        proc.wait()
+    assert ckpt.load(wd / "checkpoints" / "last.pt")["global_step"] == 2
+    assert main(["train", str(cfg), "--work-dir", str(wd), "--resume"]) == 0
+    assert not temps[0].exists()
+    assert not [p for p in (wd / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert ckpt.load(wd / "checkpoints" / "last.pt")["global_step"] == 4
