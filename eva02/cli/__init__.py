@@ -19,7 +19,10 @@ class CliError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from eva02 import __version__
+
     parser = argparse.ArgumentParser(prog="eva02", description="EVA-02 vision transformers: run `eva02 CMD -h`.")
+    parser.add_argument("--version", action="version", version=f"eva02 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="CMD")
     for name in MODULES:
         try:
@@ -32,9 +35,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options taking any number of KEY=VALUE items: a word without '=' after them is a positional argument.
+_KEY_VALUE_OPTIONS = ("--set", "--cfg-options")
+
+
+def _positionals_last(argv: list[str]) -> list[str]:
+    """Move words that follow a KEY=VALUE option but are not KEY=VALUE to the end of the command line,
+    after `--`, so that `eva02 test CFG --set a=b CKPT` reads CKPT as the checkpoint, not as an option."""
+    if "--" in argv:
+        return argv
+    head, tail, in_options = [], [], False
+    for word in argv:
+        if word in _KEY_VALUE_OPTIONS:
+            in_options = True
+        elif word.startswith("-"):
+            in_options = False
+        elif in_options and "=" not in word:
+            tail.append(word)
+            continue
+        head.append(word)
+    return [*head, "--", *tail] if tail else head
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_positionals_last(sys.argv[1:] if argv is None else list(argv)))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
