@@ -58,3 +58,55 @@ def test_mim_step_with_open_clip_teacher(teacher, tmp_path):
 
     backbone = get_model(None, pretrained=tmp_path / "run" / "final.safetensors")
     assert backbone.cfg.num_classes == 0 and backbone.cfg.dim == 128
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends: connections are refused
+
+
+def test_offline_mim_teacher_fails_fast_with_one_message(tmp_path, monkeypatch, capsys):
+    """The default MIM config offline: one error line naming the file and both ways on, at once."""
+    import time
+    from pathlib import Path
+
+    from test_engine_digits import write_digits
+
+    from eva02.cli import main
+
+    monkeypatch.setenv("EVA02_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("EVA02_HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    root = write_digits(tmp_path / "d", limit=20)
+    cfg = Path(__file__).resolve().parents[1] / "configs/eva02/eva02_tiny_p14_mim_in21k.py"
+    t0 = time.time()
+    rc = main(["train", str(cfg), "--work-dir", str(tmp_path / "wd"), "--set", f"data.root={root}",
+               "data.batch_size=4", "optim.global_batch=4", "data.workers=0", "model.img_size=56"])  # fmt: skip
+    took = time.time() - t0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "mim.teacher_pretrained=FILE" in err[0] and "mim.teacher_kind=eva02" in err[0]
+    assert "eva_giant_patch14_clip_224.laion400m_s11b_b41k" in err[0]
+    assert took < 30, took
+
+
+def test_cached_open_clip_weights_are_used_without_network(tmp_path, monkeypatch):
+
+    from eva02.engine.tasks_mim import open_clip_weights
+    from eva02.weights.download import cached_path
+    from eva02.weights.zoo import WeightSource
+
+    monkeypatch.setenv("EVA02_HOME", str(tmp_path))
+    monkeypatch.setenv("EVA02_HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    url = "https://huggingface.co/timm/eva02_base_patch16_clip_224.merged2b_s8b_b131k/resolve/main/"
+    url += "open_clip_pytorch_model.bin"
+    name = "open_clip--EVA02-B-16--merged2b_s8b_b131k--open_clip_pytorch_model.bin"
+    dest = cached_path(WeightSource("open_clip", url, name))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"w": torch.zeros(2)}, dest)
+    assert open_clip_weights("EVA02-B-16", "merged2b_s8b_b131k") == str(dest)
+    assert open_clip_weights("EVA02-B-16", str(dest)) == str(dest)  # a local file is used as it is
+    with pytest.raises(ValueError, match="no pretrained tag 'nope'"):
+        open_clip_weights("EVA02-B-16", "nope")

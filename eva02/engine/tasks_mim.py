@@ -23,7 +23,49 @@ from eva02.engine.config import TEACHER_KINDS, MimCfg, RunConfig  # noqa: F401 (
 from eva02.engine.parallel import unwrap
 from eva02.engine.tasks import build_eva02, model_config
 from eva02.model.mim import Eva02MIM, cosine_loss
-from eva02.model.teacher import Eva02Teacher, FrozenTeacher, build_open_clip_teacher
+from eva02.model.teacher import Eva02Teacher, FrozenTeacher, build_open_clip_teacher, import_open_clip
+
+# open_clip's file names on the hub when a pretrained tag names only a repository (safetensors first).
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def open_clip_weights(name: str, tag: str) -> str:
+    """A local file for open_clip model `name` with pretrained `tag`: `tag` itself when it is a file, else
+    the file open_clip's table names on the Hugging Face hub, fetched once and verified through our
+    download code (`eva02.weights.download`). Offline, one error says how to go on; no retry loop."""
+    if not tag or os.path.isfile(tag):
+        return tag
+    from eva02.weights.download import DownloadError, cached_path, download
+    from eva02.weights.zoo import WeightSource
+
+    cfg = import_open_clip().get_pretrained_cfg(name, tag)
+    if not cfg:
+        raise ValueError(
+            f"open_clip knows no pretrained tag {tag!r} for {name!r}; set mim.teacher_pretrained to one of its tags "
+            "(open_clip.list_pretrained()) or to a local file"
+        )
+    if cfg.get("file"):
+        return cfg["file"]
+    repo, fname = os.path.split(cfg.get("hf_hub", "").rstrip())
+    if repo:
+        urls = [f"https://huggingface.co/{repo}/resolve/main/{f}" for f in ((fname,) if fname else OPEN_CLIP_FILES)]
+    else:
+        urls = [cfg["url"]]
+    sources = [WeightSource("open_clip", u, f"open_clip--{name}--{tag}--{os.path.basename(u)}") for u in urls]
+    cached = [s for s in sources if cached_path(s).is_file()]
+    last = None
+    for source in cached or sources:
+        try:
+            return str(download(source))
+        except DownloadError as e:
+            last = e
+            if getattr(e, "reason", "") != "HTTP 404":  # offline or refused: the next name would fail alike
+                break
+    raise ValueError(
+        f"cannot get the MIM teacher's weights (open_clip {name} {tag}) from {getattr(last, 'url', urls[0])} "
+        f"({getattr(last, 'reason', last)}); offline, fetch that file elsewhere and set mim.teacher_pretrained=FILE "
+        f"(or put it at {getattr(last, 'dest', '')}), or use mim.teacher_kind=eva02 with one of our models"
+    ) from None
 
 
 class MaskedView:
@@ -86,7 +128,7 @@ def build_teacher(m: MimCfg) -> FrozenTeacher:
     """The frozen teacher of a run: an open_clip EVA-CLIP tower, or one of our models / checkpoints."""
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[m.teacher_amp]
     if m.teacher_kind == "open_clip":
-        return build_open_clip_teacher(m.teacher_name, m.teacher_pretrained, amp)
+        return build_open_clip_teacher(m.teacher_name, open_clip_weights(m.teacher_name, m.teacher_pretrained), amp)
     from eva02.weights.load import get_model
 
     p = m.teacher_pretrained
