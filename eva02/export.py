@@ -5,8 +5,9 @@
 - 'exported-program': `torch.export.export` saved with `torch.export.save` (.pt2); load with
   `torch.export.load(path).module()`.
 The image size is fixed at export time (position embedding and RoPE tables are constants of the
-graph); the batch size can be left dynamic. Files are written to a temporary name and renamed, so an
-export that fails never leaves a partial file behind.
+graph); the batch size can be left dynamic. Files are written through `eva02.fileio.atomic_write` (a
+temporary name, then a rename, with the umask's permissions), so an export that fails never leaves a
+partial file behind.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from eva02.fileio import atomic_write
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts", "exported-program": ".pt2"}
@@ -75,10 +77,8 @@ def export_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     model, size = prepare_for_export(model, img_size)
     x = example_input(model, size)
-    # The temporary name keeps the real suffix: torch.export.save insists on .pt2.
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix="." + out.stem + ".", suffix=".tmp" + out.suffix)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         with torch.no_grad():
             if fmt == "onnx":
                 _export_onnx(model, x, tmp, dynamic_batch)
@@ -86,13 +86,8 @@ def export_model(
                 _export_torchscript(model, x, tmp)
             else:
                 _export_program(model, x, tmp, dynamic_batch)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(out, write, suffix=".tmp" + out.suffix)  # keeps the real suffix: torch.export.save insists on .pt2
     return out
 
 

@@ -197,7 +197,9 @@ def test_features_bad_image_and_errors(files, capsys, tmp_path):
     assert np.load(out).shape == (1, 128)
     rc, _, err = run_cli(capsys, "features", str(imgs), "--checkpoint", ckpt, "-o", str(tmp_path / "f.csv"))
     assert rc == 2 and "must end in .npy or .safetensors" in err
-    rc, _, err = run_cli(capsys, "features", str(imgs), "--checkpoint", ckpt, "-o", str(out), "--out-indices", "7")
+    rc, _, err = run_cli(
+        capsys, "features", str(imgs), "--checkpoint", ckpt, "-o", str(out), "--out-indices", "7", "--force"
+    )
     assert rc == 2 and "out of range for a 2-block model" in err
 
 

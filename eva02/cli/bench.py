@@ -1,15 +1,17 @@
-"""`eva02 bench`: our models against timm's (and mmpretrain's) on this machine, side by side in one run."""
+"""`eva02 bench`: our models against timm's (and mmpretrain's) on this machine, side by side in one run.
+
+The `--json` report path is checked before anything is timed (never an existing file without `--force`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from eva02.cli import CliError
+from eva02.fileio import atomic_write_text, check_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--mmp-site", default=None, metavar="DIR", help="folder holding an mmpretrain install")
     p.add_argument("--json", default=None, metavar="OUT", help="write the full report (all rounds) here")
+    p.add_argument("--force", action="store_true", help="replace the --json file if it exists")
     p.set_defaults(func=run)
 
 
@@ -68,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--dtype fp16 is for --device cuda; on CPU use fp32 or bf16")
     if args.floor and "timm" not in args.impls:
         raise CliError("--floor states its ceiling against timm: keep timm in --impls")
+    if args.json:
+        check_output(args.json, force=args.force, flag="--json")
     extra = [args.mmp_site] if args.mmp_site else []
     try:
         report = bench.run_benchmark(
@@ -88,19 +93,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_json(obj: dict, path: Path) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then a rename."""
+    """Write JSON atomically (`eva02.fileio.atomic_write_text`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def _ratio(e: dict) -> str:

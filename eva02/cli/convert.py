@@ -1,4 +1,8 @@
-"""`eva02 convert`: any supported checkpoint (official, timm, mmpretrain) -> our safetensors format."""
+"""`eva02 convert`: any supported checkpoint (official, timm, mmpretrain) -> our safetensors format.
+
+DST is checked before SRC is read: never SRC itself (nor a symlink or hard link to it), never an
+existing file without `--force`, in a folder that can be written.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from eva02.cli import CliError
+from eva02.fileio import check_output, same_file
 
 FMT_CHOICES = ("auto", "eva02", "official", "timm", "mmpretrain")
 
@@ -38,10 +43,9 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"source checkpoint {src} does not exist")
     if dst.suffix != ".safetensors":
         raise CliError(f"output {dst} must end in .safetensors (the eva02 format)")
-    if dst.exists() and dst.resolve() == src.resolve():
+    if dst.exists() and same_file(dst, src):
         raise CliError(f"refusing to overwrite the source {src}; choose another output name")
-    if dst.exists() and not args.force:
-        raise CliError(f"{dst} exists; pass --force to overwrite it")
+    check_output(dst, force=args.force, flag="output")
     entry = resolve(args.model)
     model = get_model(entry, pretrained=src, img_size=args.img_size, use_ema=args.use_ema, fmt=args.fmt)
     save_checkpoint(model, dst, name=entry.name)

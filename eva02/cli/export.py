@@ -1,11 +1,17 @@
-"""`eva02 export`: write a model as ONNX, TorchScript or a torch.export program, then check it against eager."""
+"""`eva02 export`: write a model as ONNX, TorchScript or a torch.export program, then check it against eager.
+
+`--out` is checked before the model loads: never the checkpoint (nor a link to it), never an existing
+file without `--force`, in a folder that can be written.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from eva02.cli import CliError
+from eva02.fileio import check_output
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", metavar="FILE", help="weights to load (without NAME: an eva02 checkpoint)")
     p.add_argument("--random-init", action="store_true", help="no weights: export NAME's architecture as built")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "exported-program"], dest="fmt")
-    p.add_argument("--out", required=True, metavar="FILE", help="file to write (.onnx, .ts, .pt2)")
+    p.add_argument("--out", "-o", required=True, metavar="FILE", help="file to write (.onnx, .ts, .pt2)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (never the checkpoint)")
     p.add_argument("--img-size", type=int, metavar="N", help="input size of the exported graph (default: model's)")
     p.add_argument("--dynamic-batch", action="store_true", help="leave the batch dimension free")
     p.add_argument("--no-verify", action="store_true", help="skip the numerical check against eager")
@@ -48,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.img_size is not None and args.img_size <= 0:
         raise CliError(f"--img-size must be positive, got {args.img_size}")
+    if args.fmt == "exported-program" and Path(args.out).suffix != ".pt2":
+        raise CliError(f"--out {args.out}: torch.export programs are saved as .pt2 files")
+    check_output(args.out, inputs=[args.checkpoint], force=args.force, flag="--out")
     model = load_model(args).float().cpu().eval()
     size = args.img_size or model.cfg.img_size
     if size % model.cfg.patch_size:

@@ -3,16 +3,15 @@
 The array is (N_images, ...) for one block, (N_images, K, ...) for K blocks of `--out-indices`; rows
 follow the order in which files are listed (arguments in order, directories sorted recursively), with
 unreadable files skipped. That order is saved with the array: in the safetensors metadata ('files', a
-JSON list) or, for .npy, in FILE.npy.txt (one path per line).
+JSON list) or, for .npy, in FILE.npy.txt (one path per line). Both files are checked before the model
+loads (never an input, never an existing file without `--force`) and written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +19,18 @@ import torch
 
 from eva02.cli import CliError
 from eva02.cli.predict import (
+    PIPE_CLOSED,
+    StdoutClosed,
     add_common_args,
     check_batching,
     collect_paths,
+    emit,
     load_model_from_args,
     progress,
     warn,
     worker_count,
 )
+from eva02.fileio import atomic_write, check_output
 
 OUT_TYPES = ("avg_featmap", "cls_token", "featmap", "raw")
 SUFFIXES = (".npy", ".safetensors")
@@ -41,6 +44,7 @@ def register(subparsers) -> None:
     )
     add_common_args(p)
     p.add_argument("--out", "-o", required=True, metavar="FILE", help="output file, .npy or .safetensors")
+    p.add_argument("--force", action="store_true", help="replace --out (and its .txt listing) if it exists")
     p.add_argument(
         "--out-type",
         default="avg_featmap",
@@ -62,16 +66,21 @@ def extract(model: torch.nn.Module, batch: torch.Tensor, out_type: str, out_indi
     return t.float().cpu().numpy()
 
 
-def _atomic(path: Path, write) -> None:
-    """Call write(tmp_path) on a temporary file next to `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def listing_path(path: Path) -> Path:
+    """The file listing the rows of a .npy output."""
+    return path.with_name(path.name + ".txt")
+
+
+def check_outputs(args: argparse.Namespace, paths: list[Path]) -> Path:
+    """--out (and the listing of a .npy) may be written: checked before any work; returns --out."""
+    out = Path(args.out)
+    if out.suffix not in SUFFIXES:
+        raise CliError(f"--out '{out}' must end in .npy or .safetensors")
+    inputs = [*paths, args.checkpoint]
+    check_output(out, inputs=inputs, force=args.force, flag="--out")
+    if out.suffix == ".npy":
+        check_output(listing_path(out), inputs=inputs, force=args.force, flag="--out's listing")
+    return out
 
 
 def save_features(path: Path, array: np.ndarray, files: list[str], meta: dict[str, str]) -> list[Path]:
@@ -83,28 +92,33 @@ def save_features(path: Path, array: np.ndarray, files: list[str], meta: dict[st
             with open(tmp, "wb") as f:
                 np.save(f, array)
 
-        listing = path.with_name(path.name + ".txt")
-        _atomic(listing, lambda tmp: Path(tmp).write_text("".join(f + "\n" for f in files), encoding="utf-8"))
-        _atomic(path, write_npy)
+        listing = listing_path(path)
+        atomic_write(listing, lambda tmp: Path(tmp).write_text("".join(f + "\n" for f in files), encoding="utf-8"))
+        atomic_write(path, write_npy)
         return [path, listing]
     from safetensors.numpy import save_file
 
     metadata = {**meta, "files": json.dumps(files, ensure_ascii=False)}
-    _atomic(path, lambda tmp: save_file({"features": np.ascontiguousarray(array)}, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file({"features": np.ascontiguousarray(array)}, tmp, metadata=metadata))
     return [path]
 
 
 def run(args: argparse.Namespace) -> int:
+    """`eva02 features`, ending quietly (exit code 141) when the reader of stdout goes away."""
+    try:
+        return features(args)
+    except StdoutClosed:
+        return PIPE_CLOSED
+
+
+def features(args: argparse.Namespace) -> int:
+    """The `features` command."""
     from eva02.data.transforms import eval_transform
     from eva02.inference import iter_file_batches
 
-    out = Path(args.out)
-    if out.suffix not in SUFFIXES:
-        raise CliError(f"--out '{out}' must end in .npy or .safetensors")
-    if out.is_dir():
-        raise CliError(f"--out '{out}' is a directory; give a file name ending in .npy or .safetensors")
     check_batching(args)
     paths = collect_paths(args)
+    out = check_outputs(args, paths)
     model, pre = load_model_from_args(args, need_head=False)
     depth = len(model.blocks)
     bad = [i for i in args.out_indices if not -depth <= i < depth]
@@ -136,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         "img_size": str(pre.img_size),
     }
     written = save_features(out, array, files, meta)
-    print(f"wrote {' and '.join(map(str, written))}: features {tuple(array.shape)} float32 for {len(files)} images")
+    emit(f"wrote {' and '.join(map(str, written))}: features {tuple(array.shape)} float32 for {len(files)} images")
     if failed:
         print(f"eva02 features: {failed} of {len(paths)} images failed", file=sys.stderr)
     return 1 if failed else 0

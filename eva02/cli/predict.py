@@ -1,8 +1,12 @@
 """`eva02 predict`: classify images or folders with a zoo model or a checkpoint; table, JSON lines or drawings.
 
 Images are decoded in DataLoader workers while the model runs. A file that cannot be read gets a
-one-line warning on stderr and is skipped; the exit code is then 1. Also holds the argument and
-model-loading helpers that `eva02 features` shares.
+one-line warning on stderr and is skipped; the exit code is then 1. The `--out` folder and the names of
+the drawings are checked before the model loads: a drawing never takes the name of an input image (it
+gets a numbered name instead) and never replaces an existing file without `--force`. Result lines are
+flushed one by one; when the reader of stdout goes away (`| head`), the command stops quietly with
+exit code 141, as a program ended by SIGPIPE. Also holds the argument, model-loading and output
+helpers that `eva02 features` shares.
 """
 
 from __future__ import annotations
@@ -17,8 +21,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from eva02.cli import CliError
+from eva02.fileio import check_output, check_writable_dir
 
 DEMO_MODEL = "eva02-tiny-p14_in21k-pre_3rdparty_in1k"
+PIPE_CLOSED = 141  # the exit status a shell shows for a program ended by SIGPIPE (128 + 13)
+
+
+class StdoutClosed(Exception):
+    """The reader of stdout went away (e.g. `| head`); the rest of the output is dropped."""
 
 
 # ------------------------------------------------------------------------------- shared helpers
@@ -99,6 +109,22 @@ def warn(cmd: str, msg: str) -> None:
     tqdm.write(f"eva02 {cmd}: warning: {msg} (skipped)", file=sys.stderr)
 
 
+def emit(text: str) -> None:
+    """Print one result to stdout at once (past any progress bar); StdoutClosed when its reader is gone."""
+    try:
+        tqdm.write(text, file=sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the flush at interpreter exit cannot fail a second time.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # a stdout without a file descriptor (captured in tests)
+            pass
+        raise StdoutClosed from None
+
+
 def output_names(paths: Sequence[Path], suffix: str = "_topk") -> list[str]:
     """Unique output file names: the path below the inputs' common folder, with '/' -> '__'."""
     resolved = [p.resolve() for p in paths]
@@ -115,6 +141,35 @@ def output_names(paths: Sequence[Path], suffix: str = "_topk") -> list[str]:
     return names
 
 
+def drawing_paths(paths: Sequence[Path], out_dir: Path, force: bool) -> list[Path]:
+    """Where each image's drawing goes in `out_dir`: never onto an input (that name is numbered instead),
+    never over another existing file unless `force` (OutputError, before any work)."""
+    inputs = set()
+    for p in paths:
+        try:
+            st = p.stat()
+            inputs.add((st.st_dev, st.st_ino))
+        except OSError:  # missing inputs are reported later, one warning each
+            pass
+
+    def is_input(path: Path) -> bool:
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) in inputs
+
+    out, used = [], set()
+    for name in output_names(paths):
+        stem, ext = os.path.splitext(name)
+        cand, n = name, 1
+        while cand.lower() in used or is_input(out_dir / cand):
+            cand, n = f"{stem}-{n}{ext}", n + 1
+        used.add(cand.lower())
+        out.append(check_output(out_dir / cand, force=force, flag="--out", create_dir=False))
+    return out
+
+
 # ----------------------------------------------------------------------------------- predict
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -128,6 +183,7 @@ def register(subparsers) -> None:
     p.add_argument("--topk", "-k", type=int, default=5, metavar="K", help="classes to show per image (5)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
     p.add_argument("--out", metavar="DIR", help="write each image with its top-k bars drawn under it into DIR")
+    p.add_argument("--force", action="store_true", help="replace drawings that already exist in --out")
     p.add_argument("--amp", action="store_true", help="same as --dtype bf16")
     p.add_argument(
         "--dtype", choices=("fp32", "bf16", "fp16"), help="compute precision (bf16/fp16 autocast; fp16 needs CUDA)"
@@ -158,6 +214,15 @@ def format_json(path: Path, result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`eva02 predict`, ending quietly (exit code 141) when the reader of stdout goes away."""
+    try:
+        return predict(args)
+    except StdoutClosed:
+        return PIPE_CLOSED
+
+
+def predict(args: argparse.Namespace) -> int:
+    """The `predict` command; result lines go through `emit`."""
     from eva02.data.images import ImageError, load_image, save_image_atomic
     from eva02.inference import Predictor, draw_topk, iter_file_batches
 
@@ -165,13 +230,12 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--topk must be >= 1, got {args.topk}")
     check_batching(args)
     paths = collect_paths(args)
+    drawings = drawing_paths(paths, check_writable_dir(args.out, "--out folder"), args.force) if args.out else []
     model, pre = load_model_from_args(args, need_head=True)
     dtype = args.dtype or ("bf16" if args.amp else None)
     predictor = Predictor(
         model, preprocess=pre, batch_size=args.batch_size, dtype=dtype, compile=args.compile, threads=args.threads
     )
-    out_dir = Path(args.out) if args.out else None
-    names = output_names(paths) if out_dir else []
     failed = 0
     bar = progress(len(paths), args.batch_size, "predict")
     batches = iter_file_batches(
@@ -184,10 +248,10 @@ def run(args: argparse.Namespace) -> int:
         probs = predictor.probabilities(batch) if batch is not None else []
         for i, row in zip(indices, probs, strict=True):
             res = predictor.result(row, args.topk)
-            tqdm.write(format_json(paths[i], res) if args.json else format_table(paths[i], res), file=sys.stdout)
-            if out_dir is not None:
+            emit(format_json(paths[i], res) if args.json else format_table(paths[i], res))
+            if drawings:
                 try:
-                    save_image_atomic(draw_topk(load_image(paths[i]), res), out_dir / names[i], quality=92)
+                    save_image_atomic(draw_topk(load_image(paths[i]), res), drawings[i], quality=92)
                 except (ImageError, OSError) as e:
                     warn("predict", f"cannot write the drawing of '{paths[i]}': {e}")
                     failed += 1

@@ -1,12 +1,15 @@
 """`eva02 mask-demo`: show what masked image modelling hides from the student.
 
 Pre-training itself runs like fine-tuning, through `eva02 train CONFIG` / `tools/train.py` with a
-`*_mim_in21k.py` config; this module only adds the picture of a sampled block-wise mask.
+`*_mim_in21k.py` config; this module only adds the picture of a sampled block-wise mask. `--out` is
+checked before the image is read: an image extension, never the input image, never an existing file
+without `--force`.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -14,6 +17,7 @@ from PIL import Image
 from eva02.cli import CliError
 from eva02.data.images import load_image, save_image_atomic
 from eva02.data.masking import BlockMaskGenerator
+from eva02.fileio import check_output
 
 GREY = 128
 
@@ -30,6 +34,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("image", metavar="IMAGE", help="an image file")
     p.add_argument("--out", "-o", required=True, metavar="PNG", help="output picture (.png or .jpg)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--img-size", type=int, default=224, help="crop size in pixels (default 224)")
     p.add_argument("--patch-size", type=int, default=14, help="patch size in pixels (default 14)")
     p.add_argument("--num-masking", type=int, default=None, help="patches to mask (default: 105/256 of the grid)")
@@ -82,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
         )
     if not 1 <= args.scale <= 8:
         raise CliError(f"--scale must be between 1 and 8, got {args.scale}")
+    if Path(args.out).suffix.lower() not in Image.registered_extensions():
+        raise CliError(f"--out {args.out}: unknown image extension {Path(args.out).suffix!r}; use .png or .jpg")
+    check_output(args.out, inputs=[args.image], force=args.force, flag="--out")
     grid = args.img_size // args.patch_size
     n = grid * grid
     num = args.num_masking if args.num_masking is not None else round(n * 105 / 256)

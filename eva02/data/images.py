@@ -14,7 +14,6 @@ of later inside a batch. Over-large images (PIL's decompression-bomb limit) are 
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from eva02.fileio import atomic_write
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
@@ -178,18 +179,10 @@ def _hidden(f: Path, root: Path) -> bool:
 
 
 def save_image_atomic(img: Image.Image, path: str | os.PathLike, **save_kwargs) -> Path:
-    """Save through a temporary file in the same folder, then rename: never a half-written image."""
+    """Save through `eva02.fileio.atomic_write` (a temporary file, then a rename): never a half-written image."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ImageError(f"cannot save '{path}': unknown image extension {path.suffix!r}; use .png or .jpg")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format=fmt, **save_kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda tmp: img.save(tmp, format=fmt, **save_kwargs))

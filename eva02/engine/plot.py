@@ -1,11 +1,17 @@
-"""PNG curves of a training run from its `metrics.jsonl`: loss, learning rate and validation top-1."""
+"""PNG curves of a training run from its `metrics.jsonl`: loss, learning rate and validation top-1.
+
+The output folder is checked once the metrics are read and before anything is drawn; each picture is
+written through `eva02.fileio.atomic_write`.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 from eva02.engine.runlog import read_metrics
+from eva02.fileio import atomic_write, check_writable_dir
 
 
 def plot_run(work_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -18,12 +24,11 @@ def plot_run(work_dir: str | os.PathLike, out_dir: str | os.PathLike | None = No
     except ImportError as e:
         raise ImportError("plotting needs matplotlib: pip install 'eva02[plot]'") from e
     recs = read_metrics(work_dir)
-    out = Path(out_dir or work_dir)
-    out.mkdir(parents=True, exist_ok=True)
     train = [r for r in recs if r.get("kind") == "train"]
     evals = [r for r in recs if r.get("kind") == "eval"]
     if not train and not evals:
         raise ValueError(f"{work_dir}/metrics.jsonl has no train or eval records yet")
+    out = check_writable_dir(out_dir or work_dir, "plot folder")
     curves = [("loss", train, ["loss"]), ("lr", train, ["lr"]), ("top1", evals, ["top1", "ema_top1"])]
     written = []
     for name, rows, keys in curves:
@@ -40,10 +45,9 @@ def plot_run(work_dir: str | os.PathLike, out_dir: str | os.PathLike | None = No
         if len(series) > 1:
             ax.legend()
         fig.tight_layout()
-        path = out / f"{name}.png"
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, path)
+        try:
+            path = atomic_write(out / f"{name}.png", functools.partial(fig.savefig, dpi=100, format="png"))
+        finally:
+            plt.close(fig)
         written.append(path)
     return written
