@@ -12,7 +12,6 @@ import contextlib
 import copy
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from eva02.data.datasets import EvalSampler, PaddedDataset, TrainSampler
 from eva02.engine import checkpoint as ckpt
-from eva02.engine.config import RunConfig, changed_keys, save_config
+from eva02.engine.config import RunConfig, save_config
 from eva02.engine.dist import DistInfo, all_reduce_sum, broadcast_object, init_distributed
 from eva02.engine.ema import ModelEma
 from eva02.engine.evaluate import autocast
@@ -31,10 +30,8 @@ from eva02.engine.parallel import parallelize, unwrap
 from eva02.engine.runlog import RunLog, format_eta
 from eva02.engine.schedule import CosineSchedule
 from eva02.engine.tasks import ClassificationTask, Task
-from eva02.fileio import DirLock, OutputError, clean_stale_temps, describe_os_error
-
-# Model fields that change the parameter shapes: a checkpoint resumes only with the same values.
-ARCH_FIELDS = ("name", "patch_size", "depth", "dim", "heads", "mlp_hidden", "num_classes", "img_size")
+from eva02.engine.workdir import check_resumable, claim_work_dir
+from eva02.fileio import DirLock, describe_os_error
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -129,10 +126,11 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         # The same seed on every rank: FSDP2 keeps each rank's own initial shard (no broadcast as in DDP).
         torch.manual_seed(t.seed)
-        resume_path, resume_state = self._claim_work_dir(resume, overwrite)
+        claim = claim_work_dir(self.work_dir, self.info.is_main, resume, overwrite)
+        self.lock = claim.lock
         self.log = RunLog(self.work_dir, self.info.is_main)
         if self.info.is_main:
-            for note in self._notes:
+            for note in claim.notes:
                 self.log.info(note)
             save_config(cfg, self.work_dir / "config.json")
         self.train_ds, self.val_ds = self.task.build_datasets(cfg)
@@ -168,47 +166,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.info.device.type, enabled=t.amp == "fp16")
         self.epoch, self.step_in_epoch, self.global_step, self.best = 0, 0, 0, -math.inf
         self.bad_images = 0  # unreadable images met in the current epoch
-        if resume_path is not None:
-            self._resume(resume_path, resume_state)
-
-    # --------------------------------------------------------------------------------- work dir
-    def _claim_work_dir(self, resume: str | None, overwrite: bool) -> tuple[Path | None, dict | None]:
-        """Lock the work dir (rank 0), remove dead writers' temporaries, pick the checkpoint to resume,
-        and refuse to start a new run over a previous one unless `overwrite`. Errors reach every rank."""
-        self._notes: list[str] = []
-        error = None
-        if self.info.is_main:
-            try:
-                self.lock = DirLock(self.work_dir).acquire()
-                if self.lock.previous:
-                    held = self.lock.previous
-                    self._notes.append(f"note: took over the lock of a run that is no longer running ({held})")
-                stale = clean_stale_temps(self.work_dir) + clean_stale_temps(ckpt.ckpt_dir(self.work_dir))
-                if stale:
-                    self._notes.append(f"note: removed {len(stale)} temporary file(s) left by a killed run")
-            except (OSError, ValueError) as e:
-                error = e if isinstance(e, ValueError) else OutputError(f"work dir {self.work_dir}: {e}")
-        error = broadcast_object(str(error) if error else None)
-        if error:
-            raise OutputError(error)
-        warn = print if self.info.is_main else (lambda *_: None)
-        path, state = ckpt.resolve_resume(resume, self.work_dir, warn=lambda m: warn(m, file=sys.stderr))
-        error = None
-        if self.info.is_main and path is None:
-            previous = ckpt.previous_run_files(self.work_dir)
-            if previous and not overwrite:
-                shown = ", ".join(str(p.relative_to(self.work_dir)) for p in previous[:3])
-                error = (
-                    f"work dir {self.work_dir} already holds a run ({shown}); pass --resume to continue it, "
-                    "--overwrite to replace it, or choose another --work-dir"
-                )
-            elif previous:
-                ckpt.remove_run_files(self.work_dir)
-                self._notes.append(f"note: --overwrite: removed the previous run's files from {self.work_dir}")
-        error = broadcast_object(error)
-        if error:
-            raise OutputError(error)
-        return path, state
+        if claim.resume_path is not None:
+            self._resume(claim.resume_path, claim.resume_state)
 
     def close(self) -> None:
         """Release the work-dir lock (the run's files stay)."""
@@ -218,20 +177,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ checkpoints
     def _resume(self, path: Path, state: dict) -> None:
-        if state["global_batch"] != self.global_batch:
-            raise ValueError(
-                f"{path} was trained with global batch {state['global_batch']}, this run has "
-                f"{self.global_batch}; set optim.global_batch={state['global_batch']} to resume"
-            )
-        changed = changed_keys(state.get("config", {}), self.cfg)
-        arch = [k for k in changed if k.split(".")[0] == "model" and k.split(".")[1] in ARCH_FIELDS]
-        if arch:
-            old = state["config"]["model"]
-            shown = ", ".join(f"{k}={old.get(k.split('.')[1])!r}" for k in arch)
-            raise ValueError(
-                f"{path} was trained with {shown}; this run changes the architecture, so it cannot resume: "
-                "drop those --set options, or start a new run in another --work-dir"
-            )
+        changed = check_resumable(path, state, self.cfg, self.global_batch)
         if changed:
             self.log.info(f"note: resuming with settings changed since the checkpoint: {', '.join(changed)}")
         try:
