@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
 from ckpt_utils import mmpretrain_state, official_state, outputs, random_model, small_cfg, timm_state, write
 from safetensors import safe_open
 
+from eva02.cli import build_parser
 from eva02.cli import main as cli_main
 from eva02.model.vit import Eva02
-from eva02.weights import zoo
+from eva02.weights import load, zoo
 from eva02.weights.load import get_model, load_checkpoint, load_model, save_checkpoint
 from eva02.weights.zoo import Preprocess, WeightSource, ZooEntry
 
@@ -29,6 +33,30 @@ def test_save_and_load_model_restores_config(tmp_path) -> None:
     assert dst.cfg == src.cfg and not dst.training
     assert torch.equal(outputs(dst), outputs(src))
     assert torch.equal(outputs(get_model(None, path)), outputs(src))
+
+
+def test_save_checkpoint_honours_the_umask_and_never_leaves_half_a_file(tmp_path, monkeypatch) -> None:
+    model = random_model(small_cfg())
+    old = os.umask(0o022)
+    try:
+        shared = save_checkpoint(model, tmp_path / "shared.safetensors")
+        os.umask(0o007)
+        group = save_checkpoint(model, tmp_path / "group.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o644  # what open() gives, not mkstemp's 0600
+    assert stat.S_IMODE(group.stat().st_mode) == 0o660
+    before = shared.read_bytes()
+
+    def full_disk(tensors, filename, metadata=None) -> None:
+        Path(filename).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(load, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(model, shared)
+    assert shared.read_bytes() == before  # the old file is intact and no temporary is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["group.safetensors", "shared.safetensors"]
 
 
 def test_our_format_errors(tmp_path) -> None:
@@ -131,6 +159,8 @@ def test_get_model_by_zoo_name(monkeypatch, tmp_path) -> None:
 
 def test_cli_convert(tmp_path, monkeypatch, capsys) -> None:
     src = random_model(small_cfg("base", 4, depth=1))
+    # Import every command module first: one that imports `resolve` by name must keep the real one.
+    build_parser()
     monkeypatch.setattr(zoo, "resolve", lambda name: _entry(src.cfg))
     ckpt = write({"module": official_state(src, mim=False)}, tmp_path / "official.pt")
     dst = tmp_path / "out.safetensors"
