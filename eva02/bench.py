@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eva02.extras import need
 from eva02.model.config import VARIANTS, Eva02Config
 from eva02.model.vit import Eva02
 
@@ -71,10 +72,7 @@ def get_size(name: str) -> BenchSize:
 # ------------------------------------------------------------------------------------------ models
 def build_timm(cfg: Eva02Config) -> nn.Module:
     """timm's `Eva` with the architecture of `cfg` (what timm's eva02_*_patch14_* constructors build)."""
-    try:
-        from timm.models.eva import Eva
-    except ImportError as e:
-        raise ImportError("timm is not installed; `pip install timm` to benchmark against it") from e
+    Eva = need("timm.models.eva", "bench", "benchmarking against timm").Eva
     # timm keeps separate q/k/v projections for base/large (qkv_fused=False) and takes the hidden
     # width as int(dim * mlp_ratio): the +0.5 keeps float rounding from landing one below.
     return Eva(

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eva02.extras import need
 from eva02.fileio import atomic_write
 
 FORMATS = ("onnx", "torchscript", "exported-program")
@@ -111,10 +112,7 @@ def separate_projections(model: nn.Module):
 
 
 def _export_onnx(model: nn.Module, x: torch.Tensor, path: str, dynamic_batch: bool) -> None:
-    try:
-        import onnxscript  # noqa: F401  (the dynamo exporter's dependency; fail early with a clear message)
-    except ImportError as e:
-        raise ImportError("ONNX export needs onnxscript: pip install 'onnxscript>=0.2' onnx onnxruntime") from e
+    need("onnxscript", "export", "ONNX export")  # the dynamo exporter's dependency: fail early and clearly
     shapes = {"x": {0: _batch_dim()}} if dynamic_batch else None
     with warnings.catch_warnings(), separate_projections(model):
         warnings.simplefilter("ignore")
@@ -160,10 +158,7 @@ def run_exported(path: str | os.PathLike, x: torch.Tensor, fmt: str | None = Non
     """Run an exported file on `x` with its own runtime (onnxruntime for ONNX); output on the CPU."""
     fmt = fmt or detect_format(path)
     if fmt == "onnx":
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise ImportError("checking an ONNX file needs onnxruntime: pip install onnxruntime") from e
+        ort = need("onnxruntime", "export", "running an ONNX file")
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
         return torch.from_numpy(sess.run(None, {name: x.detach().cpu().numpy()})[0])

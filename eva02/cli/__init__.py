@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from eva02.extras import MissingExtra
+
 # Subcommand modules, in the order their commands appear in `eva02 --help`.
 MODULES = ("zoo", "predict", "features", "convert", "train", "bench", "export", "pretrain")
 
@@ -65,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CliError, FileNotFoundError, ValueError, KeyError) as e:
+    except BrokenPipeError:  # stdout's reader went away (`| head`): stop quietly, as a killed writer would
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (CliError, FileNotFoundError, ValueError, KeyError, MissingExtra) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"eva02 {args.command}: error: {msg}", file=sys.stderr)
         return 2

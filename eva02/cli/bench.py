@@ -69,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
             raise CliError("--device cuda was given but no CUDA device is visible; use --device cpu")
     elif args.dtype == "fp16":
         raise CliError("--dtype fp16 is for --device cuda; on CPU use fp32 or bf16")
+    if "timm" in args.impls:
+        from eva02.extras import need
+
+        need("timm", "bench", "eva02 bench (it times timm's implementation beside ours; --impls ours skips it)")
     if args.floor and "timm" not in args.impls:
         raise CliError("--floor states its ceiling against timm: keep timm in --impls")
     if args.json:

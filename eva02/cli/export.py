@@ -58,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
     if args.fmt == "exported-program" and Path(args.out).suffix != ".pt2":
         raise CliError(f"--out {args.out}: torch.export programs are saved as .pt2 files")
     check_output(args.out, inputs=[args.checkpoint], force=args.force, flag="--out")
+    if args.fmt == "onnx":  # before the model is loaded: the exporter and the check both need them
+        from eva02.extras import need
+
+        for module in ("onnx", "onnxscript", "onnxruntime"):
+            need(module, "export", "eva02 export --format onnx")
     model = load_model(args).float().cpu().eval()
     size = args.img_size or model.cfg.img_size
     if size % model.cfg.patch_size:

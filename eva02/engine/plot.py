@@ -11,18 +11,14 @@ import os
 from pathlib import Path
 
 from eva02.engine.runlog import read_metrics
+from eva02.extras import need
 from eva02.fileio import atomic_write, check_writable_dir
 
 
 def plot_run(work_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
     """Write loss.png, lr.png and (when evaluated) top1.png; returns the paths written."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError("plotting needs matplotlib: pip install 'eva02[plot]'") from e
+    need("matplotlib", "plot", "eva02 plot").use("Agg")
+    plt = need("matplotlib.pyplot", "plot", "eva02 plot")
     recs = read_metrics(work_dir)
     train = [r for r in recs if r.get("kind") == "train"]
     evals = [r for r in recs if r.get("kind") == "eval"]

@@ -13,12 +13,11 @@ resampled to the student grid (area when shrinking, bilinear otherwise).
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eva02.extras import MissingExtra, need
 from eva02.model.vit import Eva02
 
 
@@ -143,15 +142,9 @@ def _out_features(head: nn.Module, width: int) -> int:
 def import_open_clip():
     """The open_clip module, or a clear error saying how to install it."""
     try:
-        return importlib.import_module("open_clip")
-    except ModuleNotFoundError as e:
-        if e.name != "open_clip":
-            raise
-        raise ModuleNotFoundError(
-            "EVA-CLIP teachers need open_clip: `pip install open_clip_torch` (and timm), "
-            "or use an eva02 teacher (teacher kind 'eva02')",
-            name="open_clip",
-        ) from None
+        return need("open_clip", "mim", "an EVA-CLIP teacher")
+    except MissingExtra as e:
+        raise MissingExtra(f"{e}; or use one of our models as teacher (mim.teacher_kind=eva02)", name=e.name) from None
 
 
 def build_open_clip_teacher(name: str, pretrained: str = "", amp_dtype: torch.dtype | None = torch.bfloat16):
