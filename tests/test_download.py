@@ -398,3 +398,22 @@ def test_zoo_digests_and_info_show_what_is_verified(capsys, monkeypatch) -> None
         "sha256 prefix pinned (a4e8708a)",
     ]
     assert verification(_src("https://example.org/x.pt")) == "format and size check only (no digest known)"
+
+
+def test_bad_cached_file_of_one_source_is_named_before_the_next_source(server, tmp_path, monkeypatch, capsys):
+    """fetch_weights passes over a damaged cached file only with a warning that names it and the fix."""
+    from eva02.weights.load import fetch_weights
+    from eva02.weights.zoo import ZooEntry
+
+    monkeypatch.setenv("EVA02_HOME", str(tmp_path))
+    bad = _src("http://127.0.0.1:9/never", "first.pt")
+    good = _src(_serve(server, "/second.pt", body=PAYLOAD), "second.pt")
+    (tmp_path / "first.pt").write_bytes(HTML)
+    from eva02.model import VARIANTS
+    from eva02.weights.zoo import Preprocess
+
+    entry = ZooEntry(name="x", cfg=VARIANTS["test"], preprocess=Preprocess(56), sources=(bad, good))
+    path, _ = fetch_weights(entry, progress=False)
+    assert path == tmp_path / "second.pt"
+    err = capsys.readouterr().err
+    assert f"warning: cached file {tmp_path / 'first.pt'} is not a usable checkpoint" in err and "rm '" in err

@@ -322,3 +322,17 @@ def test_sigkill_during_a_checkpoint_write_then_resume(digits: Path, tmp_path: P
     assert not temps[0].exists()
     assert not [p for p in (wd / "checkpoints").iterdir() if p.name.startswith(".")]
     assert ckpt.load(wd / "checkpoints" / "last.pt")["global_step"] == 4
+
+
+def test_eva02_test_refuses_a_training_checkpoint_with_nan_weights(digits: Path, tmp_path: Path, capsys) -> None:
+    cfg = _cfg_file(tmp_path, digits, max_steps=1)
+    wd = tmp_path / "wd"
+    assert main(["train", str(cfg), "--work-dir", str(wd)]) == 0
+    state = ckpt.load(wd / "checkpoints" / "last.pt")
+    state["model"]["head.weight"][0, 0] = float("nan")
+    bad = tmp_path / "nan.pt"
+    torch.save(state, bad)
+    capsys.readouterr()
+    assert main(["test", str(cfg), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "head.weight" in err and str(bad) in err and not (tmp_path / "test_nan.json").exists()

@@ -103,7 +103,11 @@ def load_weights(cfg, checkpoint: str, use_ema: bool | None = None) -> nn.Module
         state = ckpt.load(checkpoint)
         if use_ema and state.get("ema") is None:
             raise ValueError(f"{checkpoint} has no EMA weights (ema.enabled was off); drop --use-ema")
-        model.load_state_dict(state["ema"] if use_ema else state["model"], strict=True)
+        from eva02.weights.load import check_finite
+
+        weights = state["ema"] if use_ema else state["model"]
+        check_finite(weights, checkpoint)  # NaN/Inf weights would print a meaningless top-1
+        model.load_state_dict(weights, strict=True)
     else:
         from eva02.weights.load import load_checkpoint
 

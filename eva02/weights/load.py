@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import re
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -438,10 +439,13 @@ def fetch_weights(entry: ZooEntry, source: str | None = None, progress: bool = T
     sources = sorted(sources, key=lambda s: not cached_path(s).is_file())
     errors: list[DownloadError] = []
     for s in sources:
+        was_cached = cached_path(s).is_file()
         try:
             return download(s, progress=progress), s.fmt
         except DownloadError as e:
             errors.append(e)
+            if was_cached:  # a damaged file in the cache is never passed over in silence
+                print(f"warning: {e}", file=sys.stderr)
     if len(errors) == 1:
         raise errors[0]
     if all(e.dest is not None for e in errors):  # every source unreachable: one offline recipe
