@@ -193,8 +193,17 @@ def time_interleaved(
 
 
 def matmul_flops_per_s(n: int | None = None, repeats: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """FLOP/s of a plain n x n x n matmul (median of `repeats`): the machine's practical peak."""
-    n = n or (8192 if str(device).startswith("cuda") else 2048)  # big enough to reach the peak
+    """FLOP/s of a plain n x n x n matmul (median of `repeats`): the machine's practical peak.
+
+    Without `n`, the size is the largest (up to 8192 on CUDA, 2048 on CPU) whose product takes about
+    0.2 s here, so a dtype this CPU only emulates (bf16 without AVX512-BF16/AMX) is not timed for minutes.
+    """
+    if n is None:
+        n = 8192 if str(device).startswith("cuda") else 2048  # big enough to reach the peak
+        probe = torch.randn(256, 256, device=device, dtype=dtype)
+        t = min(time_interleaved({"mm": lambda: torch.mm(probe, probe)}, 3, 1, torch.device(device))["mm"])
+        fits = int((0.2 * 2.0 * 256**3 / max(t, 1e-9) / 2.0) ** (1 / 3)) // 256 * 256
+        n = max(256, min(n, fits))
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     t = time_interleaved({"mm": lambda: torch.mm(a, b)}, repeats, warmup=2, device=torch.device(device))["mm"]
