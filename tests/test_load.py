@@ -129,7 +129,7 @@ def test_get_model_pretrained_downloads_verifies_and_caches(tmp_path, monkeypatc
     assert torch.equal(outputs(net), outputs(ema))
     with pytest.raises(ValueError, match="has no 'mmpretrain' weights; choose source from"):
         get_model(_entry(src.cfg, good), pretrained=True, source="mmpretrain")
-    with pytest.raises(OSError, match="cannot download .*absent.safetensors.*--checkpoint FILE"):
+    with pytest.raises(OSError, match="cannot download .*absent.safetensors.*pretrained='FILE'"):
         get_model(_entry(src.cfg, broken), pretrained=True)
 
 
@@ -142,7 +142,7 @@ def test_get_model_offline_uses_a_dropped_in_file(tmp_path, monkeypatch) -> None
     with pytest.raises(OSError) as info:
         get_model(_entry(src.cfg, off, mmp), pretrained=True)
     msg = str(info.value)
-    assert f"put it in {cache} under its name (gone.pt, mmp_20230505-abcd.pth)" in msg and "--checkpoint FILE" in msg
+    assert f"put it in {cache} under its name (gone.pt, mmp_20230505-abcd.pth)" in msg and "pretrained='FILE'" in msg
     cache.mkdir(exist_ok=True)
     write({"state_dict": mmpretrain_state(src)}, cache / "mmp_20230505-abcd.pth")  # the user drops a file in
     assert torch.equal(outputs(get_model(_entry(src.cfg, off, mmp), pretrained=True)), outputs(src))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from eva02 import hints
 from eva02.engine.dist import all_reduce_sum
 
 
@@ -130,7 +131,8 @@ def run_test(
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
     info = init_distributed()
-    model = load_weights(cfg, checkpoint, use_ema).to(info.device)
+    with hints.using(hints.CONFIG):  # loading errors name config fields (model.num_classes=N, ...)
+        model = load_weights(cfg, checkpoint, use_ema).to(info.device)
     task = ClassificationTask()
     val = task.build_val_dataset(cfg)
     sampler = EvalSampler(len(val), info.rank, info.world_size)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from eva02 import hints
 from eva02.data.datasets import EvalSampler, PaddedDataset, TrainSampler
 from eva02.engine import checkpoint as ckpt
 from eva02.engine.config import RunConfig, save_config
@@ -112,7 +113,8 @@ class Trainer:
         self.info = info or init_distributed(timeout_s=cfg.train.dist_timeout_s)
         self.lock: DirLock | None = None
         try:
-            self._setup(resume, overwrite)
+            with hints.using(hints.CONFIG):  # loading errors name config fields (model.init=FILE, ...)
+                self._setup(resume, overwrite)
         except BaseException:
             self.close()
             raise

@@ -36,6 +36,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from eva02.fileio import atomic_write, check_writable_dir, clean_stale_temps
+from eva02.hints import hint
 from eva02.weights.zoo import WeightSource
 
 HF_ENDPOINT = "https://huggingface.co"
@@ -43,7 +44,6 @@ CHUNK = 1 << 20
 TIMEOUT_S = 30.0  # connection and per-read socket timeout
 STALL_WINDOW_S = 60.0  # a transfer must bring at least STALL_MIN_BYTES in every window of this length
 STALL_MIN_BYTES = 64 << 10
-LOCAL_FILE_HINT = "--checkpoint FILE (CLI) or pretrained='FILE' (Python)"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _MAX_HEADER = 100 << 20  # a larger safetensors header is a corrupt length field, not a real header
@@ -241,7 +241,7 @@ def _offline_error(url: str, dest: Path, reason: object) -> DownloadError:
         dest,
         str(reason),
         f"cannot download {url} ({reason}); if this machine is offline, fetch that file elsewhere and put it "
-        f"at {dest}, or load a local file directly with {LOCAL_FILE_HINT}",
+        f"at {dest}, or load a local file directly with {hint('local_file')}",
     )
 
 
@@ -268,7 +268,8 @@ def _hub_plan(source: WeightSource, url: str, dest: Path, timeout: float) -> _Pl
     if source.sha256 and server and server != source.sha256.lower():
         raise ChecksumError(
             f"{url} is now a different file (the server states sha256 {server}, the zoo pins {source.sha256}); "
-            f"nothing was downloaded; if you trust the new file, fetch it yourself and load it with {LOCAL_FILE_HINT}"
+            "nothing was downloaded; if you trust the new file, fetch it yourself and load it with "
+            f"{hint('local_file')}"
         )
     return _Plan(url, meta.location or url, dest, server, meta.size)
 

@@ -20,10 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from eva02.fileio import atomic_write
+from eva02.hints import hint
 from eva02.model.config import VARIANTS, Eva02Config
 from eva02.model.vit import Eva02
 from eva02.weights.convert import FORMATS, detect_format, fit_to_config, to_ours
-from eva02.weights.download import LOCAL_FILE_HINT, DownloadError, cached_path, download
+from eva02.weights.download import DownloadError, cached_path, download
 from eva02.weights.files import (  # noqa: F401 (part of this module's API)
     EMA_KEYS,
     PLAIN_KEYS,
@@ -117,8 +118,8 @@ def load_model(path: PathLike, device: str | torch.device | None = None) -> Eva0
     cfg = config_of(path)
     if cfg is None:
         raise ValueError(
-            f"{path} is not an eva02 checkpoint (no config in its metadata); load it with "
-            "get_model(NAME, pretrained=path) or convert it with `eva02 convert SRC DST --model NAME`"
+            f"{path} is not an eva02 checkpoint (no config in its metadata), so the model it is for must be "
+            f"named: {hint('model_name')}; or convert it once with `eva02 convert SRC DST --model NAME`"
         )
     model = load_checkpoint(Eva02.uninitialized(cfg), path, fmt="eva02")
     return model.to(device).eval() if device is not None else model.eval()
@@ -173,9 +174,9 @@ def _load_strict(model: Eva02, sd: StateDict) -> None:
     else:
         detail = f"missing {missing[:4]}" if missing else f"unexpected {extra[:4]}"
     if {k.split(".")[0] for k in missing + extra + shapes} <= {"head", "fc_norm", "norm"}:
-        fix = "set num_classes (--num-classes) to replace the head, or use get_model, which does it"
+        fix = f"the head differs: use {hint('num_classes')}"
     else:
-        fix = "choose the --model / config that matches the checkpoint (see `eva02 list`)"
+        fix = f"use {hint('matching_model')}"
     raise ValueError(f"{have}: {detail}; {fix}")
 
 
@@ -235,7 +236,7 @@ def fetch_weights(entry: ZooEntry, source: str | None = None, progress: bool = T
         raise DownloadError(
             f"cannot download {entry.name} from any source: {tried}; if this machine is offline, fetch one of "
             f"these files elsewhere and put it in {errors[0].dest.parent} under its name ({names}), or load a "
-            f"local file directly with {LOCAL_FILE_HINT}"
+            f"local file directly with {hint('local_file')}"
         )
     raise DownloadError(f"no source of {entry.name} worked: " + " | ".join(str(e) for e in errors))
 
