@@ -12,6 +12,7 @@ import contextlib
 import copy
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -324,32 +325,40 @@ class Trainer:
             self.sampler.set_epoch(self.epoch, self.step_in_epoch)
             self.model.train()
             it = iter(loader)
-            bar = tqdm(
+            # A live bar on a terminal; in a log file, plain lines at the metric records instead of redraws.
+            live = info.is_main and sys.stderr.isatty()
+            with tqdm(
                 total=self.steps_per_epoch,
                 initial=self.step_in_epoch,
-                disable=not info.is_main,
+                disable=not live,
                 desc=f"epoch {self.epoch + 1}/{cfg.schedule.epochs}",
                 dynamic_ncols=True,
-            )
-            while self.step_in_epoch < self.steps_per_epoch and self.global_step < self.total_steps:
-                t0 = time.time()
-                m = self.train_step(it)
-                self.step_in_epoch += 1
-                steps_done += 1
-                dt = time.time() - t0
-                eta = (time.time() - t_start) / steps_done * (self.total_steps - self.global_step)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", img_s=f"{m['images'] / dt:.0f}", eta=format_eta(eta)
-                )
-                if self.global_step % cfg.train.log_every == 0 or self.global_step == 1:
-                    self.log.write(
-                        "train", self.global_step, epoch=self.epoch, loss=m["loss"], lr=m["lr"], img_s=m["images"] / dt
-                    )
-                every = cfg.checkpoint.every_steps
-                if every and self.global_step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
-                    self.save()
-            bar.close()
+            ) as bar:  # closed (its line ended) before any error message is printed
+                while self.step_in_epoch < self.steps_per_epoch and self.global_step < self.total_steps:
+                    t0 = time.time()
+                    m = self.train_step(it)
+                    self.step_in_epoch += 1
+                    steps_done += 1
+                    dt = time.time() - t0
+                    eta = (time.time() - t_start) / steps_done * (self.total_steps - self.global_step)
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", img_s=f"{m['images'] / dt:.0f}",
+                        eta=format_eta(eta),
+                    )  # fmt: skip
+                    if self.global_step % cfg.train.log_every == 0 or self.global_step == 1:
+                        img_s = m["images"] / dt
+                        self.log.write("train", self.global_step, epoch=self.epoch, loss=m["loss"], lr=m["lr"],
+                                       img_s=img_s)  # fmt: skip
+                        if not live:
+                            self.log.info(
+                                f"epoch {self.epoch + 1}/{cfg.schedule.epochs} step {self.step_in_epoch}/"
+                                f"{self.steps_per_epoch} (global {self.global_step}/{self.total_steps}): loss "
+                                f"{m['loss']:.4f} lr {m['lr']:.2e} {img_s:.0f} img/s eta {format_eta(eta)}"
+                            )
+                    every = cfg.checkpoint.every_steps
+                    if every and self.global_step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
+                        self.save()
             del it
             finished = self.step_in_epoch >= self.steps_per_epoch
             last = self.global_step >= self.total_steps or (finished and self.epoch + 1 >= cfg.schedule.epochs)
