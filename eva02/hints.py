@@ -49,3 +49,8 @@ def using(words: dict[str, str]) -> Iterator[None]:
         yield
     finally:
         _WORDS.reset(token)
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 image', '2 images' (`plural` for nouns not made with an s)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

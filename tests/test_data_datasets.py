@@ -76,7 +76,7 @@ def test_unreadable_images_are_skipped_counted_and_capped(tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert "skipped unreadable image" in err and "broken.png" in err
     strict = Trainer(_trainer_cfg(tmp_path, root, **{"data.max_bad_fraction": 0.0}), tmp_path / "strict")
-    msg = r"1 unreadable images in epoch 1, more than data.max_bad_fraction=0.0 of 49"
+    msg = r"1 unreadable image in epoch 1, more than data.max_bad_fraction=0.0 of 49"
     with pytest.raises(TrainingError, match=msg):
         strict.fit()
 

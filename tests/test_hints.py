@@ -81,3 +81,11 @@ def test_train_and_test_speak_config_fields(tmp_path, three_class_timm_file, cap
                  f"model.init={three_class_timm_file}", "model.dim=32"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "--set model.name=NAME" in err and "--model" not in err
+
+
+def test_counts_agree_with_their_number():
+    assert hints.count(1, "image") == "1 image" and hints.count(0, "image") == "0 images"
+    assert (
+        hints.count(1, "process", "processes") == "1 process"
+        and hints.count(2, "process", "processes") == "2 processes"
+    )

@@ -143,7 +143,7 @@ class Trainer:
         self.steps_per_epoch = self.sampler.steps_per_epoch()
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"the train dataset has {len(self.train_ds)} images, fewer than one global batch of "
+                f"the train dataset has {hints.count(len(self.train_ds), 'image')}, fewer than one global batch of "
                 f"{self.global_batch}; lower optim.global_batch or data.batch_size"
             )
         self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
@@ -151,8 +151,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, t.max_steps)
         self.log.info(
             f"global batch {self.global_batch} = {cfg.data.batch_size} per device x "
-            f"{self.info.world_size} processes x {self.accum} accumulation; "
-            f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps in all"
+            f"{hints.count(self.info.world_size, 'process', 'processes')} x {self.accum} accumulation; "
+            f"{hints.count(self.steps_per_epoch, 'step')} per epoch, {hints.count(self.total_steps, 'step')} in all"
         )
         self.amp = AMP_DTYPES[t.amp]
         model = self.task.build_model(cfg)
@@ -257,7 +257,8 @@ class Trainer:
         self.bad_images += int(loss_sum[3])  # each sample is read once per epoch: distinct files
         if self.bad_images > self.cfg.data.max_bad_fraction * len(self.train_ds):
             raise TrainingError(
-                f"{self.bad_images} unreadable images in epoch {self.epoch + 1}, more than data.max_bad_fraction="
+                f"{hints.count(self.bad_images, 'unreadable image')} in epoch {self.epoch + 1}, more than "
+                "data.max_bad_fraction="
                 f"{self.cfg.data.max_bad_fraction} of {len(self.train_ds)}; fix or remove them"
             )
         if loss_sum[2] > 0:

@@ -13,6 +13,7 @@ from eva02.engine import checkpoint as ckpt
 from eva02.engine.config import RunConfig, changed_keys
 from eva02.engine.dist import broadcast_object
 from eva02.fileio import DirLock, OutputError, clean_stale_temps
+from eva02.hints import count
 
 # Model fields that change the parameter shapes: a checkpoint resumes only with the same values.
 ARCH_FIELDS = ("name", "patch_size", "depth", "dim", "heads", "mlp_hidden", "num_classes", "img_size")
@@ -45,7 +46,7 @@ def claim_work_dir(work_dir: Path, is_main: bool, resume: str | None, overwrite:
                 notes.append(f"note: took over the lock of a run that is no longer running ({lock.previous})")
             stale = clean_stale_temps(work_dir) + clean_stale_temps(ckpt.ckpt_dir(work_dir))
             if stale:
-                notes.append(f"note: removed {len(stale)} temporary file(s) left by a killed run")
+                notes.append(f"note: removed {count(len(stale), 'temporary file')} left by a killed run")
         except OutputError as e:
             error = str(e)
         except OSError as e:
