@@ -157,7 +157,7 @@ class TrainCfg(_Section):
     eval_every_epochs: int = 1  # 0: evaluate after the last epoch only
     log_every: int = 10  # optimizer steps between metric lines
     max_steps: int = 0  # stop after this many optimizer steps (0: all epochs); for smoke runs
-    threads: int = 0  # CPU threads per process for torch ops (0: torch's default); 1 avoids oversubscription
+    threads: int = 0  # CPU threads per process for torch ops (0: the cores free at start, see eva02/threads.py)
     task: str = "classify"  # 'classify' (fine-tuning) or 'mim' (masked-image-modelling pre-training)
     dist_timeout_s: float = 600.0  # torch.distributed collective timeout (seconds) before a stuck rank fails
 

@@ -34,6 +34,7 @@ from eva02.engine.schedule import CosineSchedule
 from eva02.engine.tasks import ClassificationTask, Task
 from eva02.engine.workdir import check_resumable, claim_work_dir
 from eva02.fileio import DirLock, describe_os_error
+from eva02.threads import set_threads
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -122,8 +123,8 @@ class Trainer:
 
     def _setup(self, resume: str | None, overwrite: bool) -> None:
         cfg, t = self.cfg, self.cfg.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
+        if self.info.device.type == "cpu":  # train.threads=0: the cores free now, shared by this node's ranks
+            set_threads(t.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
