@@ -386,7 +386,12 @@ def check_fsdp2():
     import torch.distributed as dist
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
+    if "MASTER_PORT" not in os.environ:  # a free port: the machine may run other jobs
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     dist.init_process_group("gloo" if DRY else "nccl", rank=0, world_size=1)
     try:
         torch.manual_seed(0)

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # a rehearsal of every section: minutes on a 2-core CPU
 @pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="the script compares against timm")
 def test_gpu_check_rehearsal_on_cpu_runs_every_section(tmp_path):
     out = tmp_path / "gpu.json"
