@@ -18,7 +18,7 @@ EXTRAS = {
 }
 
 
-class MissingExtra(ImportError):
+class MissingExtra(ModuleNotFoundError):
     """An optional dependency is not installed; the message says which extra brings it."""
 
 

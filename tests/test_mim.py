@@ -261,7 +261,7 @@ def test_open_clip_teacher_with_fake_module(monkeypatch):
 
 def test_open_clip_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "open_clip", None)
-    with pytest.raises(ModuleNotFoundError, match="pip install open_clip_torch"):
+    with pytest.raises(ModuleNotFoundError, match=r"open_clip_torch: pip install 'eva02\[mim\]'"):
         import_open_clip()
     with pytest.raises(ValueError, match="not a timm ViT trunk"):
         OpenClipTeacher(nn.Linear(2, 2))
