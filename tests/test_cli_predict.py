@@ -126,11 +126,11 @@ def test_predict_demo(files, capsys):
             "--checkpoint file '.*missing.safetensors' does not exist",
         ),
         (["--model", "eva02-gigantic", "{imgs}"], "unknown model name 'eva02-gigantic'"),
-        (["--checkpoint", "{root}/headless.safetensors", "{imgs}"], "no classifier head.*eva02 features"),
+        (["--checkpoint", "{root}/headless.safetensors", "{imgs}"], "without a classifier.*`eva02 features`"),
         (["--checkpoint", "{root}/cls.safetensors"], "no images given"),
         (["--checkpoint", "{root}/cls.safetensors", "{root}/empty"], "no image files found"),
-        (["--checkpoint", "{root}/cls.safetensors", "{imgs}", "--topk", "0"], "--topk must be >= 1"),
-        (["{imgs}"], "give --model NAME"),
+        (["--checkpoint", "{root}/cls.safetensors", "{imgs}", "--topk", "0"], "--topk must be 1 or more, got 0"),
+        (["{imgs}"], "give -m/--model NAME"),
     ],
 )
 def test_predict_errors_one_line_exit_2(files, capsys, argv, message):

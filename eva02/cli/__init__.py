@@ -13,7 +13,7 @@ import sys
 from eva02.extras import MissingExtra
 
 # Subcommand modules, in the order their commands appear in `eva02 --help`.
-MODULES = ("zoo", "predict", "features", "convert", "train", "bench", "export", "pretrain")
+MODULES = ("zoo", "predict", "features", "convert", "train", "plot", "bench", "export", "pretrain")
 
 
 class CliError(Exception):

@@ -1,6 +1,8 @@
 """`eva02 bench`: our models against timm's (and mmpretrain's) on this machine, side by side in one run.
 
-The `--json` report path is checked before anything is timed (never an existing file without `--force`).
+`-m/--model` takes benchmark sizes (`tiny-336`) or zoo names, which are timed as their size at their
+input size (random weights either way). The `-o/--out` report path is checked before anything is timed
+(never an existing file without `--force`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import sys
 from pathlib import Path
 
 from eva02.cli import CliError
+from eva02.cli.options import HIDDEN, add_batch_size, add_dtype, add_out, suggestions
 from eva02.fileio import atomic_write_text, check_output
+
+SIZE_NAMES = "test-56 tiny-336 small-336 base-448 large-448"  # eva02.bench.SIZES, without importing torch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,19 +24,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="inference / training-step img/s and memory against timm",
         description="Time our Eva02 and timm's Eva (same architecture, random weights) in interleaved rounds.",
+        epilog="example: eva02 bench -m eva02-tiny-p14_in21k-pre_3rdparty_in1k base-448 --train -o bench.json",
     )
     p.add_argument(
+        "-m",
+        "--model",
         "--models",
+        dest="models",
         nargs="+",
         default=["tiny-336", "base-448"],
-        metavar="SIZE",
-        help="sizes: test-56 tiny-336 small-336 base-448 large-448 (default: tiny-336 base-448)",
+        metavar="NAME",
+        help=f"sizes ({SIZE_NAMES}) or zoo names (default: tiny-336 base-448)",
     )
     p.add_argument("--impls", nargs="+", default=["ours", "timm"], choices=["ours", "timm", "mmpretrain"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds per implementation (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls before the rounds")
-    p.add_argument("--batch", type=int, default=None, help="batch size for every size (default: per size)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's choice)")
+    p.add_argument("--rounds", type=int, default=5, metavar="N", help="timed rounds per implementation (median)")
+    p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed calls before the rounds")
+    add_batch_size(p, None, "batch size for every model (default: per size)", dest="batch")
+    p.add_argument("--batch", type=int, dest="batch", help=HIDDEN)  # older spelling of --batch-size
     p.add_argument("--compile", action="store_true", help="also time each implementation under torch.compile")
     p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW)")
     p.add_argument("--memory", action="store_true", help="also measure training-step memory (subprocess each)")
@@ -42,45 +52,76 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also time the unavoidable kernels (matmuls, attention, conv) alone: the fastest one could be",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument(
-        "--dtype",
-        default="fp32",
-        choices=["fp32", "bf16", "fp16"],
-        help="inference with the weights in this dtype, training under its autocast (fp16: CUDA only)",
-    )
+    add_dtype(p, "inference with the weights in this dtype, training under its autocast (fp16: CUDA only)", "fp32")
     p.add_argument("--mmp-site", default=None, metavar="DIR", help="folder holding an mmpretrain install")
-    p.add_argument("--json", default=None, metavar="OUT", help="write the full report (all rounds) here")
-    p.add_argument("--force", action="store_true", help="replace the --json file if it exists")
+    add_out(p, "FILE", "write the full report (all rounds) as JSON here", "replace --out if it exists")
+    p.add_argument("--json", dest="out", metavar="FILE", help=HIDDEN)  # older spelling of --out
     p.set_defaults(func=run)
+
+
+def size_names(models: list[str]) -> list[str]:
+    """Benchmark size names for -m/--model: sizes as given, zoo names as their variant at their input size
+    (a size not in `eva02.bench.SIZES` is added there, with the batch of its variant's own size)."""
+    from eva02 import bench
+    from eva02.model.config import VARIANTS
+    from eva02.weights.zoo import ZOO, resolve
+
+    out = []
+    for name in models:
+        if name in bench.SIZES:
+            out.append(name)
+            continue
+        try:
+            cfg = resolve(name).cfg
+        except ValueError:
+            close, _ = suggestions(name)
+            hint = f", or a zoo name such as {close[0]}" if close else ", or a zoo name (`eva02 list`)"
+            raise CliError(f"unknown size '{name}' in --model; choose from {', '.join(bench.SIZES)}{hint}") from None
+        if cfg.patch_size != 14:
+            p14 = cfg.replace(patch_size=14)
+            twin = next((n for n, e in ZOO.items() if e.cfg == p14), None)
+            raise CliError(
+                f"--model {name}: eva02 bench times patch-14 models only (this one has patch {cfg.patch_size})"
+                + (f"; time {twin} instead" if twin else "")
+            )
+        variant = next(v for v, c in VARIANTS.items() if c.replace(img_size=cfg.img_size) == cfg.replace(num_classes=0))
+        size = f"{variant}-{cfg.img_size}"
+        if size not in bench.SIZES:
+            batch = next(s.batch for s in bench.SIZES.values() if s.variant == variant)
+            bench.SIZES[size] = bench.BenchSize(variant, cfg.img_size, batch)
+        out.append(size)
+    return list(dict.fromkeys(out))  # each size once
 
 
 def run(args: argparse.Namespace) -> int:
     from eva02 import bench
 
-    for name in args.models:
-        if name not in bench.SIZES:
-            raise CliError(f"unknown size {name!r} in --models; choose from {', '.join(bench.SIZES)}")
-    if args.rounds < 1 or args.warmup < 0 or any(v is not None and v < 1 for v in (args.threads, args.batch)):
-        raise CliError("--rounds, --threads and --batch must be >= 1 and --warmup >= 0")
+    for dest, flag in (("rounds", "--rounds"), ("threads", "--threads"), ("batch", "--batch-size")):
+        value = getattr(args, dest)
+        if value is not None and value < 1:
+            raise CliError(f"{flag} must be 1 or more, got {value}")
+    if args.warmup < 0:
+        raise CliError(f"--warmup must be 0 or more, got {args.warmup}")
+    models = size_names(args.models)
     if args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            raise CliError("--device cuda was given but no CUDA device is visible; use --device cpu")
+            raise CliError(f"--device {args.device}: no CUDA device is visible here; use --device cpu")
     elif args.dtype == "fp16":
-        raise CliError("--dtype fp16 is for --device cuda; on CPU use fp32 or bf16")
+        raise CliError("--dtype fp16 needs --device cuda; on CPU use --dtype fp32 or bf16")
     if "timm" in args.impls:
         from eva02.extras import need
 
         need("timm", "bench", "eva02 bench (it times timm's implementation beside ours; --impls ours skips it)")
     if args.floor and "timm" not in args.impls:
         raise CliError("--floor states its ceiling against timm: keep timm in --impls")
-    if args.json:
-        check_output(args.json, force=args.force, flag="--json")
+    if args.out:
+        check_output(args.out, force=args.force, flag="--out")
     extra = [args.mmp_site] if args.mmp_site else []
     try:
         report = bench.run_benchmark(
-            args.models, args.impls, args.rounds, args.warmup, args.compile, args.train, args.memory,
+            models, args.impls, args.rounds, args.warmup, args.compile, args.train, args.memory,
             args.grad_ckpt, args.device, args.dtype, args.threads, extra,
             log=lambda s: print(s, file=sys.stderr, flush=True), batch=args.batch, floor=args.floor,
         )  # fmt: skip
@@ -90,9 +131,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, device {m['device']}, {args.dtype}")
     print(f"matmul peak: {report['matmul_gflop_s']:.1f} GFLOP/s")
     print(format_table(report))
-    if args.json:
-        write_json(report, Path(args.json))
-        print(f"report written to {args.json}")
+    if args.out:
+        write_json(report, Path(args.out))
+        print(f"report written to {args.out}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """`eva02 export`: write a model as ONNX, TorchScript or a torch.export program, then check it against eager.
 
-`--out` is checked before the model loads: never the checkpoint (nor a link to it), never an existing
-file without `--force`, in a folder that can be written.
+The model is `-m/--model NAME` (a bare NAME works too), `--checkpoint FILE`, or both. `--out` is
+checked before the model loads: never the checkpoint (nor a link to it), never an existing file without
+`--force`, in a folder that can be written.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 from eva02.cli import CliError
+from eva02.cli.options import add_checkpoint, add_model, add_out, model_arg, zoo_entry
 from eva02.fileio import check_output
 
 
@@ -20,13 +22,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="export a model to ONNX / TorchScript / torch.export and verify it",
         description="Export a zoo model (or a checkpoint) for deployment; the file is checked against the "
         "eager model on random images and the largest difference is printed.",
+        epilog="example: eva02 export -m eva02-tiny-p14_in21k-pre_3rdparty_in1k --format onnx -o tiny.onnx",
     )
-    p.add_argument("name", nargs="?", metavar="NAME", help="zoo model name (see `eva02 list`)")
-    p.add_argument("--checkpoint", metavar="FILE", help="weights to load (without NAME: an eva02 checkpoint)")
-    p.add_argument("--random-init", action="store_true", help="no weights: export NAME's architecture as built")
+    add_model(p, "zoo model name (see `eva02 list`)", positional=True)
+    add_checkpoint(p, "weights to load into --model's architecture (without --model: an eva02 checkpoint)")
+    p.add_argument("--random-init", action="store_true", help="no weights: export --model's architecture as built")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "exported-program"], dest="fmt")
-    p.add_argument("--out", "-o", required=True, metavar="FILE", help="file to write (.onnx, .ts, .pt2)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists (never the checkpoint)")
+    add_out(
+        p,
+        "FILE",
+        "file to write (.onnx, .ts, .pt2)",
+        "replace --out if it exists (never the checkpoint)",
+        required=True,
+    )
     p.add_argument("--img-size", type=int, metavar="N", help="input size of the exported graph (default: model's)")
     p.add_argument("--dynamic-batch", action="store_true", help="leave the batch dimension free")
     p.add_argument("--no-verify", action="store_true", help="skip the numerical check against eager")
@@ -34,18 +42,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_model(args: argparse.Namespace):
+def check_model(args: argparse.Namespace) -> str | None:
+    """The zoo name to export (None: an eva02 checkpoint alone), checked before anything is loaded."""
+    name = model_arg(args)
+    if name is None and args.checkpoint is None:
+        raise CliError("give -m/--model NAME (see `eva02 list`), or --checkpoint FILE of an eva02 checkpoint")
+    if args.random_init and args.checkpoint:
+        raise CliError("--random-init and --checkpoint exclude each other; drop one")
+    if args.random_init and name is None:
+        raise CliError("--random-init needs -m/--model NAME")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise CliError(f"--checkpoint file '{args.checkpoint}' does not exist")
+    if name is not None:
+        entry = zoo_entry(name)
+        if args.img_size is not None and args.img_size % entry.cfg.patch_size:
+            raise CliError(f"--img-size {args.img_size} must be a multiple of the patch size {entry.cfg.patch_size}")
+    return name
+
+
+def load_model(args: argparse.Namespace, name: str | None):
     """The model to export: NAME with downloaded weights, NAME + --checkpoint, or an eva02 checkpoint alone."""
     from eva02.weights.load import get_model
 
-    if args.name is None and args.checkpoint is None:
-        raise CliError("give a zoo model NAME, or --checkpoint FILE of an eva02 checkpoint")
-    if args.random_init and args.checkpoint:
-        raise CliError("--random-init and --checkpoint exclude each other; drop one")
-    if args.random_init and args.name is None:
-        raise CliError("--random-init needs a zoo model NAME")
     pretrained = False if args.random_init else (args.checkpoint or True)
-    return get_model(args.name, pretrained=pretrained)
+    return get_model(name, pretrained=pretrained)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,21 +74,22 @@ def run(args: argparse.Namespace) -> int:
     from eva02.export import SUFFIXES, example_input, export_model, verify_export
 
     if args.img_size is not None and args.img_size <= 0:
-        raise CliError(f"--img-size must be positive, got {args.img_size}")
+        raise CliError(f"--img-size must be a positive multiple of the patch size, got {args.img_size}")
     if args.fmt == "exported-program" and Path(args.out).suffix != ".pt2":
-        raise CliError(f"--out {args.out}: torch.export programs are saved as .pt2 files")
+        raise CliError(f"--out {args.out}: --format exported-program files end in .pt2")
     check_output(args.out, inputs=[args.checkpoint], force=args.force, flag="--out")
+    name = check_model(args)
     if args.fmt == "onnx":  # before the model is loaded: the exporter and the check both need them
         from eva02.extras import need
 
         for module in ("onnx", "onnxscript", "onnxruntime"):
             need(module, "export", "eva02 export --format onnx")
-    model = load_model(args).float().cpu().eval()
+    model = load_model(args, name).float().cpu().eval()
     size = args.img_size or model.cfg.img_size
     if size % model.cfg.patch_size:
-        raise CliError(f"--img-size {size} is not a multiple of the patch size {model.cfg.patch_size}")
+        raise CliError(f"--img-size {size} must be a multiple of the patch size {model.cfg.patch_size}")
     if args.fmt != "exported-program" and not args.out.lower().endswith(SUFFIXES[args.fmt]):
-        print(f"note: {args.fmt} files usually end in {SUFFIXES[args.fmt]}", file=sys.stderr)
+        print(f"note: --format {args.fmt} files usually end in {SUFFIXES[args.fmt]}", file=sys.stderr)
     try:
         path = export_model(model, args.fmt, args.out, img_size=size, dynamic_batch=args.dynamic_batch)
     except ImportError as e:

@@ -13,11 +13,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from eva02.cli import CliError
+from eva02.cli.options import add_out
 from eva02.cli.predict import (
     PIPE_CLOSED,
     StdoutClosed,
@@ -32,6 +31,10 @@ from eva02.cli.predict import (
 )
 from eva02.fileio import atomic_write, check_output
 
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
 OUT_TYPES = ("avg_featmap", "cls_token", "featmap", "raw")
 SUFFIXES = (".npy", ".safetensors")
 
@@ -43,8 +46,13 @@ def register(subparsers) -> None:
         description="Extract backbone features (model.extract_feat) of images into one array file.",
     )
     add_common_args(p)
-    p.add_argument("--out", "-o", required=True, metavar="FILE", help="output file, .npy or .safetensors")
-    p.add_argument("--force", action="store_true", help="replace --out (and its .txt listing) if it exists")
+    add_out(
+        p,
+        "FILE",
+        "output file, .npy or .safetensors",
+        "replace --out (and its .txt listing) if it exists",
+        required=True,
+    )
     p.add_argument(
         "--out-type",
         default="avg_featmap",
@@ -57,10 +65,16 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def extract(model: torch.nn.Module, batch: torch.Tensor, out_type: str, out_indices: list[int]) -> np.ndarray:
-    """One preprocessed batch -> float32 features (B, ...) or (B, K, ...) for several blocks."""
+def extract(
+    model: torch.nn.Module, batch: torch.Tensor, out_type: str, out_indices: list[int], dtype: str | None = None
+) -> np.ndarray:
+    """One preprocessed batch -> float32 features (B, ...) or (B, K, ...) for several blocks; `dtype`
+    'bf16' or 'fp16' computes under autocast."""
+    import torch
+
     device = next(model.parameters()).device
-    with torch.inference_mode():
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None):
         feats = model.extract_feat(batch.to(device), out_type=out_type, out_indices=out_indices)
     t = feats[0] if len(feats) == 1 else torch.stack(feats, dim=1)
     return t.float().cpu().numpy()
@@ -85,6 +99,8 @@ def check_outputs(args: argparse.Namespace, paths: list[Path]) -> Path:
 
 def save_features(path: Path, array: np.ndarray, files: list[str], meta: dict[str, str]) -> list[Path]:
     """Write the array and its file order atomically; returns the files written."""
+    import numpy as np
+
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npy":
 
@@ -113,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
 def features(args: argparse.Namespace) -> int:
     """The `features` command."""
+    import numpy as np
+
     from eva02.data.transforms import eval_transform
     from eva02.inference import iter_file_batches
 
@@ -123,7 +141,10 @@ def features(args: argparse.Namespace) -> int:
     depth = len(model.blocks)
     bad = [i for i in args.out_indices if not -depth <= i < depth]
     if bad:
-        raise CliError(f"--out-indices {bad} out of range for a {depth}-block model (use -{depth}..{depth - 1})")
+        raise CliError(
+            f"--out-indices {' '.join(map(str, bad))}: out of range for a {depth}-block model "
+            f"(use -{depth} to {depth - 1})"
+        )
     transform = eval_transform(pre)
     device = next(model.parameters()).device
     chunks, files, failed = [], [], 0
@@ -135,7 +156,7 @@ def features(args: argparse.Namespace) -> int:
             warn("features", err)
         failed += len(errors)
         if batch is not None:
-            chunks.append(extract(model, batch, args.out_type, args.out_indices))
+            chunks.append(extract(model, batch, args.out_type, args.out_indices, args.dtype))
             files.extend(str(paths[i]) for i in indices)
         bar.update(len(indices) + len(errors))
     bar.close()
@@ -148,6 +169,7 @@ def features(args: argparse.Namespace) -> int:
         "out_type": args.out_type,
         "out_indices": json.dumps(args.out_indices),
         "img_size": str(pre.img_size),
+        "dtype": args.dtype or "fp32",
     }
     written = save_features(out, array, files, meta)
     emit(f"wrote {' and '.join(map(str, written))}: features {tuple(array.shape)} float32 for {len(files)} images")

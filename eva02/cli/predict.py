@@ -17,11 +17,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from eva02.cli import CliError
+from eva02.cli.options import HIDDEN, add_batch_size, add_checkpoint, add_dtype, add_model, add_out, zoo_entry
 from eva02.fileio import check_output, check_writable_dir
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 DEMO_MODEL = "eva02-tiny-p14_in21k-pre_3rdparty_in1k"
 PIPE_CLOSED = 141  # the exit status a shell shows for a program ended by SIGPIPE (128 + 13)
@@ -33,21 +36,21 @@ class StdoutClosed(Exception):
 
 # ------------------------------------------------------------------------------- shared helpers
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    """Inputs, model, checkpoint, device and batching options of `predict` and `features`."""
+    """Inputs, model, checkpoint, device, batching and precision options of `predict` and `features`."""
     p.add_argument("images", nargs="*", metavar="IMAGES", help="image files and/or directories (searched recursively)")
-    p.add_argument("--model", "-m", metavar="NAME", help="zoo model name (see `eva02 list`)")
-    p.add_argument(
-        "--checkpoint",
-        metavar="FILE",
-        help="weights to load into --model's architecture (any known format); "
+    add_model(p, "zoo model name (see `eva02 list`)")
+    add_checkpoint(
+        p,
+        "weights to load into --model's architecture (any known format); "
         "without --model, an eva02 checkpoint that embeds its config",
     )
-    p.add_argument("--batch-size", "-b", type=int, default=16, metavar="N", help="images per forward pass (16)")
+    add_batch_size(p, 16, "images per forward pass (16)")
     p.add_argument("--device", metavar="D", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument(
         "--workers", type=int, metavar="N", help="image decoding processes (default: up to 4 when over one batch)"
     )
-    p.add_argument("--img-size", type=int, metavar="S", help="evaluate at this size instead of the model's")
+    p.add_argument("--img-size", type=int, metavar="N", help="evaluate at this size instead of the model's")
+    add_dtype(p, "compute precision: fp32 (default), bf16 or fp16 autocast (fp16 needs --device cuda)")
 
 
 def collect_paths(args: argparse.Namespace) -> list[Path]:
@@ -69,27 +72,67 @@ def collect_paths(args: argparse.Namespace) -> list[Path]:
 
 def check_batching(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
-        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise CliError(f"--batch-size must be 1 or more, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
-        raise CliError(f"--workers must be >= 0, got {args.workers}")
+        raise CliError(f"--workers must be 0 or more, got {args.workers}")
+    if args.img_size is not None and args.img_size < 1:
+        raise CliError(f"--img-size must be a positive multiple of the model's patch size, got {args.img_size}")
+
+
+def check_model_args(args: argparse.Namespace, need_head: bool) -> None:
+    """--model, --checkpoint, --device, --dtype and --img-size, checked before anything is read or loaded."""
+    from eva02.inference import resolve_device
+
+    if args.model is None and args.checkpoint is None:
+        raise CliError("give -m/--model NAME (see `eva02 list`) or --checkpoint FILE")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise CliError(f"--checkpoint file '{args.checkpoint}' does not exist")
+    if args.model is not None:
+        entry = zoo_entry(args.model)
+        if need_head and not entry.cfg.num_classes and args.checkpoint is None:  # a checkpoint may bring a head
+            raise CliError(headless_message(entry.name))
+        if args.img_size is not None:
+            check_img_size(args.img_size, entry.cfg.patch_size)
+    try:
+        device = resolve_device(args.device)
+    except ValueError:
+        if args.device.startswith("cuda"):
+            raise CliError(f"--device {args.device}: no CUDA device is visible here; use --device cpu") from None
+        raise CliError(f"--device {args.device}: unknown device; use cpu, cuda or cuda:N") from None
+    if args.dtype == "fp16" and device.type != "cuda":
+        raise CliError("--dtype fp16 needs a CUDA device (--device cuda); on CPU use --dtype bf16 or fp32")
+
+
+def headless_message(what: str) -> str:
+    return (
+        f"{what} is a pre-trained backbone without a classifier, so it cannot predict classes; "
+        f"`eva02 features` extracts its features, or choose an in1k model (`eva02 list in1k`)"
+    )
+
+
+def check_img_size(size: int, patch: int) -> None:
+    if size % patch:
+        near = max(patch, round(size / patch) * patch)
+        raise CliError(f"--img-size {size} must be a multiple of the model's patch size {patch}, e.g. {near}")
 
 
 def load_model_from_args(args: argparse.Namespace, need_head: bool):
     """(model, preprocess) from --model / --checkpoint / --device / --img-size, with one-line errors."""
+    from dataclasses import replace
+
     from eva02.inference import load_for_inference
 
-    if args.model is None and args.checkpoint is None:
-        raise CliError("give --model NAME (see `eva02 list`) or --checkpoint FILE")
-    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
-        raise CliError(f"--checkpoint file '{args.checkpoint}' does not exist")
+    check_model_args(args, need_head)
     try:
-        return load_for_inference(
-            args.model, checkpoint=args.checkpoint, device=args.device, img_size=args.img_size, need_head=need_head
-        )
-    except KeyError as e:  # unknown zoo name
-        raise CliError(str(e.args[0]) if e.args else f"unknown model {args.model!r}") from None
+        model, pre = load_for_inference(args.model, checkpoint=args.checkpoint, device=args.device)
     except (OSError, RuntimeError) as e:  # download, file or state-dict problems
         raise CliError(f"cannot load the model: {' '.join(str(e).split())}") from None
+    if need_head and not model.is_classifier:
+        raise CliError(headless_message(f"the model of --checkpoint {args.checkpoint}"))
+    if args.img_size is not None:
+        check_img_size(args.img_size, model.cfg.patch_size)
+        pre = replace(pre, img_size=args.img_size)
+    return model, pre
 
 
 def worker_count(args: argparse.Namespace, num_images: int) -> int:
@@ -101,16 +144,22 @@ def worker_count(args: argparse.Namespace, num_images: int) -> int:
 def progress(total: int, batch_size: int, desc: str) -> tqdm:
     """A stderr progress bar, shown only when there is more than one batch and stderr is a terminal
     (in logs, every result line written past the bar would repeat it)."""
+    from tqdm import tqdm
+
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=True if total <= batch_size else None,
                 leave=False)  # fmt: skip
 
 
 def warn(cmd: str, msg: str) -> None:
+    from tqdm import tqdm
+
     tqdm.write(f"eva02 {cmd}: warning: {msg} (skipped)", file=sys.stderr)
 
 
 def emit(text: str) -> None:
     """Print one result to stdout at once (past any progress bar); StdoutClosed when its reader is gone."""
+    from tqdm import tqdm
+
     try:
         tqdm.write(text, file=sys.stdout)
         sys.stdout.flush()
@@ -176,18 +225,19 @@ def register(subparsers) -> None:
         "predict",
         help="classify images",
         description="Classify images with an EVA-02 model: top-k classes per image.",
-        epilog=f"example: eva02 predict --demo --model {DEMO_MODEL}",
+        epilog=f"example: eva02 predict --demo -m {DEMO_MODEL}",
     )
     add_common_args(p)
     p.add_argument("--demo", action="store_true", help="also classify the bundled demo photo (a cat)")
     p.add_argument("--topk", "-k", type=int, default=5, metavar="K", help="classes to show per image (5)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
-    p.add_argument("--out", metavar="DIR", help="write each image with its top-k bars drawn under it into DIR")
-    p.add_argument("--force", action="store_true", help="replace drawings that already exist in --out")
-    p.add_argument("--amp", action="store_true", help="same as --dtype bf16")
-    p.add_argument(
-        "--dtype", choices=("fp32", "bf16", "fp16"), help="compute precision (bf16/fp16 autocast; fp16 needs CUDA)"
+    add_out(
+        p,
+        "DIR",
+        "write each image with its top-k bars drawn under it into DIR",
+        "replace drawings that already exist in --out",
     )
+    p.add_argument("--amp", dest="dtype", action="store_const", const="bf16", help=HIDDEN)  # older --dtype bf16
     p.add_argument(
         "--compile", action="store_true", help="run the model through torch.compile (pays off on many images)"
     )
@@ -227,14 +277,15 @@ def predict(args: argparse.Namespace) -> int:
     from eva02.inference import Predictor, draw_topk, iter_file_batches
 
     if args.topk < 1:
-        raise CliError(f"--topk must be >= 1, got {args.topk}")
+        raise CliError(f"--topk must be 1 or more, got {args.topk}")
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads must be 1 or more, got {args.threads}")
     check_batching(args)
     paths = collect_paths(args)
     drawings = drawing_paths(paths, check_writable_dir(args.out, "--out folder"), args.force) if args.out else []
     model, pre = load_model_from_args(args, need_head=True)
-    dtype = args.dtype or ("bf16" if args.amp else None)
     predictor = Predictor(
-        model, preprocess=pre, batch_size=args.batch_size, dtype=dtype, compile=args.compile, threads=args.threads
+        model, preprocess=pre, batch_size=args.batch_size, dtype=args.dtype, compile=args.compile, threads=args.threads
     )
     failed = 0
     bar = progress(len(paths), args.batch_size, "predict")

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-import numpy as np
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from eva02.cli import CliError
-from eva02.data.images import load_image, save_image_atomic
-from eva02.data.masking import BlockMaskGenerator
+from eva02.cli.options import add_out
 from eva02.fileio import check_output
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
 
 GREY = 128
 
@@ -33,8 +34,7 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("image", metavar="IMAGE", help="an image file")
-    p.add_argument("--out", "-o", required=True, metavar="PNG", help="output picture (.png or .jpg)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_out(p, "PNG", "output picture (.png or .jpg)", "replace --out if it exists", required=True)
     p.add_argument("--img-size", type=int, default=224, help="crop size in pixels (default 224)")
     p.add_argument("--patch-size", type=int, default=14, help="patch size in pixels (default 14)")
     p.add_argument("--num-masking", type=int, default=None, help="patches to mask (default: 105/256 of the grid)")
@@ -46,6 +46,8 @@ def register(subparsers) -> None:
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
     """Resize the short side to `size` (bicubic) and cut the central size x size square."""
+    from PIL import Image
+
     w, h = img.size
     s = size / min(w, h)
     img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
@@ -56,6 +58,9 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def mask_overlay(img: Image.Image, mask: np.ndarray, strength: float = 0.8) -> Image.Image:
     """`img` with the patches where `mask` (gh, gw) is True blended towards grey, outlined in white."""
+    import numpy as np
+    from PIL import Image
+
     a = np.asarray(img.convert("RGB")).astype(np.float32)  # (H, W, 3)
     gh, gw = mask.shape
     ph, pw = a.shape[0] // gh, a.shape[1] // gw
@@ -71,6 +76,8 @@ def mask_overlay(img: Image.Image, mask: np.ndarray, strength: float = 0.8) -> I
 
 def render(img: Image.Image, mask: np.ndarray, scale: int = 1) -> Image.Image:
     """Side by side: the crop, and the crop with its masked patches greyed out; enlarged by `scale`."""
+    from PIL import Image
+
     size = img.size[0]
     out = Image.new("RGB", (2 * size + 8, size), (255, 255, 255))
     out.paste(img, (0, 0))
@@ -81,6 +88,11 @@ def render(img: Image.Image, mask: np.ndarray, scale: int = 1) -> Image.Image:
 
 
 def run(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from eva02.data.images import load_image, save_image_atomic
+    from eva02.data.masking import BlockMaskGenerator
+
     if args.img_size <= 0 or args.patch_size <= 0 or args.img_size % args.patch_size:
         raise CliError(
             f"--img-size {args.img_size} must be a positive multiple of --patch-size {args.patch_size}, e.g. 224 and 14"
@@ -88,15 +100,17 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.scale <= 8:
         raise CliError(f"--scale must be between 1 and 8, got {args.scale}")
     if Path(args.out).suffix.lower() not in Image.registered_extensions():
-        raise CliError(f"--out {args.out}: unknown image extension {Path(args.out).suffix!r}; use .png or .jpg")
+        raise CliError(f"--out {args.out}: unknown image extension '{Path(args.out).suffix}'; use .png or .jpg")
     check_output(args.out, inputs=[args.image], force=args.force, flag="--out")
     grid = args.img_size // args.patch_size
     n = grid * grid
     num = args.num_masking if args.num_masking is not None else round(n * 105 / 256)
-    try:
-        gen = BlockMaskGenerator((grid, grid), num_masking=num, min_num=min(args.min_num, max(num, 1)), seed=args.seed)
-    except ValueError as e:
-        raise CliError(f"{e} (check --num-masking and --min-num)") from None
+    if not 0 <= num <= n:
+        raise CliError(f"--num-masking must be between 0 and {n} for a {grid}x{grid} grid of patches, got {num}")
+    if args.min_num < 1:
+        raise CliError(f"--min-num must be 1 or more, got {args.min_num}")
+    least = min(args.min_num, max(num, 1))  # no block may need more patches than are masked
+    gen = BlockMaskGenerator((grid, grid), num_masking=num, min_num=least, max_num=max(num, 1), seed=args.seed)
     mask, blocks = gen.sample()
     img = center_crop(load_image(args.image), args.img_size)
     path = save_image_atomic(render(img, mask, args.scale), args.out)

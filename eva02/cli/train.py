@@ -1,7 +1,8 @@
-"""`eva02 train`, `eva02 test` and `eva02 plot`: fine-tuning, evaluation and training curves.
+"""`eva02 train` and `eva02 test`: fine-tuning and evaluation.
 
 The same commands as `python tools/train.py CONFIG` / `python tools/test.py CONFIG CKPT`, and under
-`torchrun --nproc_per_node N` (one process per device).
+`torchrun --nproc_per_node N` (one process per device). `--dtype` and `-b/--batch-size` are the words
+every command uses; they set `train.amp` and `data.batch_size` (`--amp` still works).
 """
 
 from __future__ import annotations
@@ -11,7 +12,22 @@ import json
 from pathlib import Path
 
 from eva02.cli import CliError
+from eva02.cli.options import DTYPES, HIDDEN, add_batch_size, add_out
 from eva02.fileio import atomic_write_text, check_output, describe_os_error
+
+
+class _DtypeAsAmp(argparse.Action):
+    """--dtype fp32|bf16|fp16 into train.amp (none|bf16|fp16)."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        setattr(namespace, self.dest, "none" if value == "fp32" else value)
+
+
+class _BatchAsOption(argparse.Action):
+    """-b/--batch-size N as `--set data.batch_size=N`."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        namespace.options = [*getattr(namespace, "options", []), f"data.batch_size={value}"]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -28,13 +44,25 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="override config fields, e.g. --set optim.lr=1e-4 data.batch_size=32",
     )
     p.add_argument(
-        "--amp", nargs="?", const="bf16", choices=("bf16", "fp16", "none"), help="mixed precision (default bf16)"
+        "--dtype",
+        dest="amp",
+        choices=DTYPES,
+        action=_DtypeAsAmp,
+        help="precision: fp32, or bf16 / fp16 autocast (train.amp; default: the config's)",
     )
+    p.add_argument("--amp", nargs="?", const="bf16", choices=("bf16", "fp16", "none"), help=HIDDEN)  # older --dtype
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune / train from a config (also under torchrun)")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune / train from a config (also under torchrun)",
+        epilog="example: eva02 train configs/eva02/eva02_tiny_p14_8xb16_in1k.py -b 32 --dtype bf16",
+    )
     _common(p)
+    p.add_argument(
+        "-b", "--batch-size", type=int, metavar="N", action=_BatchAsOption, help="batch per device (data.batch_size)"
+    )
     p.add_argument(
         "--resume", nargs="?", const="auto", help="'auto' (default when given alone): the work dir's last checkpoint"
     )
@@ -45,22 +73,29 @@ def register(sub) -> None:
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     p.set_defaults(func=run_train)
 
-    p = sub.add_parser("test", help="evaluate a checkpoint: top-1 / top-5 (per class with --per-class)")
+    p = sub.add_parser(
+        "test",
+        help="evaluate a checkpoint: top-1 / top-5 (per class with --per-class)",
+        epilog="example: eva02 test configs/eva02/eva02_tiny_p14_8xb16_in1k.py work_dirs/x/final.safetensors",
+    )
     _common(p)
-    p.add_argument("checkpoint", help="training checkpoint (.pt), our .safetensors, or official/timm/mmpretrain file")
+    # Required, as in tools/test.py: argparse fills an optional positional at its first chance, so in
+    # `CONFIG --set a=b CKPT` an optional CKPT would be left over.
+    p.add_argument(
+        "checkpoint",
+        metavar="CKPT",
+        help="training checkpoint (.pt), our .safetensors, or official/timm/mmpretrain file",
+    )
     p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
     p.add_argument("--per-class", action="store_true", help="also report per-class top-1")
-    p.add_argument("--batch-size", type=int, default=0, help="evaluation batch per device")
-    p.add_argument(
-        "-o", "--out", help="JSON results file (default: test_<checkpoint>.json in the checkpoint's run folder)"
+    add_batch_size(p, 0, "evaluation batch per device (default: the config's)")
+    add_out(
+        p,
+        "FILE",
+        "JSON results file (default: test_<checkpoint>.json in the checkpoint's run folder)",
+        "replace an existing results file",
     )
-    p.add_argument("--force", action="store_true", help="replace an existing results file")
     p.set_defaults(func=run_test)
-
-    p = sub.add_parser("plot", help="PNG curves (loss, lr, top-1) of a training work dir")
-    p.add_argument("work_dir")
-    p.add_argument("--out", help="folder for the PNGs (default: the work dir)")
-    p.set_defaults(func=run_plot)
 
 
 def _resolve(args) -> tuple:
@@ -137,12 +172,4 @@ def run_test(args) -> int:
         metrics["per_class"] = dict(zip(classes, metrics["per_class"], strict=True))
     atomic_write_text(out, json.dumps({"checkpoint": str(args.checkpoint), **metrics}, indent=2) + "\n")
     print(f"results: {out}")
-    return 0
-
-
-def run_plot(args) -> int:
-    from eva02.engine.plot import plot_run
-
-    for p in plot_run(args.work_dir, args.out):
-        print(p)
     return 0
