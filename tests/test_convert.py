@@ -187,3 +187,19 @@ def test_unreadable_files_give_clear_errors(tmp_path) -> None:
         read_checkpoint(junk)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_checkpoint(tmp_path / "absent.pt")
+
+
+def test_detection_follows_the_tables(monkeypatch) -> None:
+    """A new format is one table: detection learns its own key names from it, nothing else to edit."""
+    from eva02.weights import convert
+
+    new = [*convert.TABLES["timm"], convert.Rule(("cls_token",), ("trunk.class_embedding",))]
+    monkeypatch.setitem(convert.TABLES, "newfmt", new)
+    monkeypatch.setattr(convert, "FORMATS", (*convert.FORMATS, "newfmt"))
+    convert.distinctive_templates.cache_clear()
+    try:
+        assert convert.distinctive_templates()["newfmt"] == frozenset({"trunk.class_embedding"})
+        sd = {"trunk.class_embedding": torch.zeros(1), "blocks.0.mlp.fc1.weight": torch.zeros(1)}
+        assert detect_format(sd) == "newfmt"  # timm's keys are shared with it now: its own key decides
+    finally:
+        convert.distinctive_templates.cache_clear()

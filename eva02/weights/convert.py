@@ -246,18 +246,29 @@ def from_ours(sd: StateDict, fmt: str, cfg: Eva02Config | None = None, mim: dict
     return out
 
 
+def _their_templates(fmt: str) -> set[str]:
+    return {t for r in TABLES[fmt] for t in r.theirs if t is not None} | set(MIM_EXTRAS.get(fmt, ()))
+
+
+@functools.cache
+def distinctive_templates() -> dict[str, frozenset[str]]:
+    """Per format, the key templates of its table that no other format stores (derived from TABLES)."""
+    out = {}
+    for fmt in FORMATS:
+        others = set().union(*(_their_templates(f) for f in FORMATS if f != fmt))
+        out[fmt] = frozenset(_their_templates(fmt) - others)
+    return out
+
+
 def detect_format(sd: StateDict) -> str:
-    """Tell the checkpoint format from key names: 'mmpretrain', 'timm', 'official' or 'eva02'."""
-    keys = list(sd)
-    if any(k.startswith(("backbone.", "head.fc.")) for k in keys):
-        return "mmpretrain"
-    if any(re.search(r"\.mlp\.(fc1|fc1_g|fc1_x|fc2)\.|\.attn\.q_proj\.bias", k) for k in keys):
-        return "timm"
-    official = re.compile(r"\.attn\.q_proj\.weight|\.mlp\.(w1|w2|ffn_ln)\.|^mask_token$|^lm_head\.|rope")
-    if any(official.search(k) for k in keys):
-        return "official"
-    if any(k.startswith("blocks.") and ".mlp.w12." in k for k in keys):
-        # Also the official Ti/S fine-tuned layout, which has exactly our key names.
+    """Tell the checkpoint format from key names, using the conversion tables: the format whose own key
+    templates (those no other table has) appear; a file with only shared names is in our layout (which
+    is also the official Ti/S fine-tuned layout, key for key)."""
+    keys = [k for k in sd if "rope" not in k]  # RoPE buffers are recomputed, whatever the format
+    for fmt, templates in distinctive_templates().items():
+        if fmt != "eva02" and any(_match(k, t) is not None for k in keys for t in templates):
+            return fmt
+    if any(_match(k, t) is not None for k in keys for t in _their_templates("eva02") if t.startswith("blocks.")):
         return "eva02"
     shown = ", ".join(keys[:5])
     raise ValueError(f"cannot tell the checkpoint format from its keys ({shown}, ...); pass fmt= or --fmt")
