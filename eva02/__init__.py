@@ -24,6 +24,7 @@ _EXPORTS = {
     "list_models": "eva02.weights.zoo",
     "inference_model": "eva02.inference",
     "count_flops": "eva02.flops",
+    "count_macs": "eva02.flops",
     "count_params": "eva02.flops",
 }
 

@@ -139,14 +139,10 @@ def load_timm_weights(ours: Eva02, timm_model: nn.Module) -> bool:
 
 
 def forward_flops(cfg: Eva02Config, img_size: int | None = None) -> float:
-    """Forward FLOPs of one image (2 x multiply-adds of every matmul and the patch convolution)."""
-    g = (img_size or cfg.img_size) // cfg.patch_size
-    N, D, H = g * g, cfg.dim, cfg.mlp_hidden
-    T = N + 1
-    macs = N * D * cfg.in_chans * cfg.patch_size**2  # patch embedding
-    per_block = T * D * 3 * D + 2 * T * T * D + T * D * D + T * D * 2 * H + T * H * D
-    macs += cfg.depth * per_block + D * cfg.num_classes
-    return 2.0 * macs
+    """Forward FLOPs of one image (2 x the multiply-adds of the matrix products and the patch convolution)."""
+    from eva02.flops import forward_flops as flops
+
+    return flops(cfg, img_size)
 
 
 # ------------------------------------------------------------------------------------------ timing
