@@ -9,8 +9,3 @@ from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parent
 DEMO_IMAGE = ASSETS_DIR / "demo.jpg"
-
-
-def demo_image_path() -> Path:
-    """Path of the bundled demo photo (a cat; ImageNet-1k class 281 'tabby' or a neighbour)."""
-    return DEMO_IMAGE

@@ -78,10 +78,6 @@ class BlockMaskGenerator:
             f"min_num={self.min_num}, max_num={self.max_num}, aspect=[{self.min_aspect:.3g}, {self.max_aspect:.3g}])"
         )
 
-    @property
-    def num_patches(self) -> int:
-        return self.height * self.width
-
     def _try_block(self, mask: np.ndarray, budget: int, rng: np.random.Generator) -> Block | None:
         """Up to ten tries at one rectangle adding between 1 and `budget` new patches (official rule)."""
         for _ in range(10):
