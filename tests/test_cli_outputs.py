@@ -150,6 +150,26 @@ def test_existing_outputs_need_force(files, capsys, tmp_path, monkeypatch):
     one_error_line(err, "bench", "already exists; pass --force")
 
 
+def test_plot_existing_pictures_need_force(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    work = tmp_path / "run"
+    work.mkdir()
+    recs = [{"kind": "train", "step": s, "loss": 2.0 / s, "lr": 0.1} for s in (1, 2, 3)]
+    (work / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rc, out, err = run_cli(capsys, "plot", work)
+    assert rc == 0 and out.split() == [str(work / "loss.png"), str(work / "lr.png")], err
+    drawn = {p.name: p.stat().st_mtime_ns for p in work.glob("*.png")}
+    rc, out, err = run_cli(capsys, "plot", work)
+    assert rc == 2 and out == ""
+    one_error_line(err, "plot", "already holds loss.png, lr.png; pass --force to replace them")
+    assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.png")} == drawn
+    # another folder has none of them yet; -o is --out
+    rc, out, err = run_cli(capsys, "plot", work, "-o", tmp_path / "curves")
+    assert rc == 0 and sorted(p.name for p in (tmp_path / "curves").iterdir()) == ["loss.png", "lr.png"], err
+    rc, out, err = run_cli(capsys, "plot", work, "--force")
+    assert rc == 0 and len(out.split()) == 2, err
+
+
 def test_predict_existing_drawings_need_force(files, capsys, tmp_path):
     root, imgs = files
     argv = ["predict", imgs, "--checkpoint", root / "m.safetensors", "--out", tmp_path / "drawn", "-k", "1"]

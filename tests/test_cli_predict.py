@@ -186,6 +186,28 @@ def test_features_safetensors_featmap_two_blocks(files, capsys, tmp_path):
     np.testing.assert_allclose(arr, _reference_features(ckpt, files_listed, "featmap", [0, -1]), atol=1e-5)
 
 
+def test_features_dtype_bf16(files, capsys, tmp_path):
+    """--dtype as in predict: bf16 autocast on CPU, float32 features close to fp32's; fp16 needs CUDA."""
+    from safetensors import safe_open
+
+    root, imgs = files
+    ckpt = root / "headless.safetensors"
+    out = tmp_path / "f.safetensors"
+    rc, _, err = run_cli(capsys, "features", str(imgs), "--checkpoint", str(ckpt), "-o", str(out), "--dtype", "bf16")
+    assert rc == 0, err
+    with safe_open(str(out), framework="np") as f:
+        arr, meta = f.get_tensor("features"), f.metadata()
+    assert arr.dtype == np.float32 and meta["dtype"] == "bf16"
+    ref = _reference_features(ckpt, json.loads(meta["files"]), "avg_featmap", [-1])
+    assert not np.array_equal(arr, ref)  # computed in bfloat16 ...
+    np.testing.assert_allclose(arr, ref, atol=0.1, rtol=0.05)  # ... and close to the float32 features
+    if not torch.cuda.is_available():
+        argv = ["features", str(imgs), "--checkpoint", str(ckpt), "-o", str(tmp_path / "g.npy"), "--dtype", "fp16"]
+        rc, _, err = run_cli(capsys, *argv)
+        assert rc == 2 and "--dtype fp16 needs a CUDA device (--device cuda)" in err
+        assert not (tmp_path / "g.npy").exists()
+
+
 def test_features_bad_image_and_errors(files, capsys, tmp_path):
     root, imgs = files
     bad = tmp_path / "bad.png"

@@ -203,6 +203,22 @@ def test_cli_info_text_and_img_size(capsys):
     assert big["flops"] > 4 * 1.7e9  # four times the tokens: more than four times the MACs
 
 
+def test_list_counts_by_formula_equal_the_counter():
+    """`eva02 list` counts without building models; its formulas must give what the MAC counter counts."""
+    from eva02.cli.zoo import arch_macs, arch_params
+    from eva02.model.config import VARIANTS
+
+    cfgs = {e.cfg for e in ZOO.values()}
+    cfgs |= {
+        VARIANTS["test"].replace(num_classes=k, img_size=s, in_chans=c)
+        for k in (0, 7)
+        for s in (28, 70)
+        for c in (1, 3)
+    }
+    for cfg in cfgs:
+        assert (arch_params(cfg), arch_macs(cfg)) == (count_params(cfg), count_flops(cfg)), cfg
+
+
 def test_cli_errors_are_one_line_exit_2(capsys):
     assert main(["info", "eva02-tiny"]) == 2
     err = capsys.readouterr().err.strip()

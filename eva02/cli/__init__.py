@@ -20,10 +20,18 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit code 2 (no traceback)."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the house error format: one line naming the command and where help is, exit code 2
+    (argparse's own prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} -h`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from eva02 import __version__
 
-    parser = argparse.ArgumentParser(prog="eva02", description="EVA-02 vision transformers: run `eva02 CMD -h`.")
+    parser = Parser(prog="eva02", description="EVA-02 vision transformers: run `eva02 CMD -h`.")
     parser.add_argument("--version", action="version", version=f"eva02 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="CMD")
     for name in MODULES:
@@ -61,7 +69,11 @@ def _positionals_last(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_positionals_last(sys.argv[1:] if argv is None else list(argv)))
+    args, extra = parser.parse_known_args(_positionals_last(sys.argv[1:] if argv is None else list(argv)))
+    if extra:  # named with the command they were given to, not with `eva02` alone
+        prog = f"eva02 {args.command}" if getattr(args, "command", None) else "eva02"
+        print(f"{prog}: error: unrecognized arguments: {' '.join(extra)}; see `{prog} -h`", file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

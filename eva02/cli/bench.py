@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from eva02.cli import CliError
-from eva02.cli.options import HIDDEN, add_batch_size, add_dtype, add_out, suggestions
+from eva02.cli.options import HIDDEN, add_batch_size, add_dtype, add_out, positive_int, suggestions
 from eva02.fileio import atomic_write_text, check_output
 
 SIZE_NAMES = "test-56 tiny-336 small-336 base-448 large-448"  # eva02.bench.SIZES, without importing torch
@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=5, metavar="N", help="timed rounds per implementation (median)")
     p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed calls before the rounds")
     add_batch_size(p, None, "batch size for every model (default: per size)", dest="batch")
-    p.add_argument("--batch", type=int, dest="batch", help=HIDDEN)  # older spelling of --batch-size
+    p.add_argument("--batch", type=positive_int, dest="batch", help=HIDDEN)  # older spelling of --batch-size
     p.add_argument("--compile", action="store_true", help="also time each implementation under torch.compile")
     p.add_argument("--train", action="store_true", help="also time a training step (fwd + bwd + AdamW)")
     p.add_argument("--memory", action="store_true", help="also measure training-step memory (subprocess each)")
@@ -96,7 +96,7 @@ def size_names(models: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from eva02 import bench
 
-    for dest, flag in (("rounds", "--rounds"), ("threads", "--threads"), ("batch", "--batch-size")):
+    for dest, flag in (("rounds", "--rounds"), ("threads", "--threads")):
         value = getattr(args, dest)
         if value is not None and value < 1:
             raise CliError(f"{flag} must be 1 or more, got {value}")

@@ -89,7 +89,7 @@ def check_outputs(args: argparse.Namespace, paths: list[Path]) -> Path:
     """--out (and the listing of a .npy) may be written: checked before any work; returns --out."""
     out = Path(args.out)
     if out.suffix not in SUFFIXES:
-        raise CliError(f"--out '{out}' must end in .npy or .safetensors")
+        raise CliError(f"--out {out} must end in .npy or .safetensors")
     inputs = [*paths, args.checkpoint]
     check_output(out, inputs=inputs, force=args.force, flag="--out")
     if out.suffix == ".npy":

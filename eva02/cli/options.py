@@ -45,8 +45,19 @@ def add_out(p: argparse.ArgumentParser, metavar: str, help: str, force_help: str
     p.add_argument("--force", action="store_true", help=force_help)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (the error names the flag: 'argument -b/--batch-size: ...')."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def add_batch_size(p: argparse.ArgumentParser, default: int | None, help: str, dest: str = "batch_size") -> None:
-    p.add_argument("-b", "--batch-size", type=int, default=default, metavar="N", dest=dest, help=help)
+    p.add_argument("-b", "--batch-size", type=positive_int, default=default, metavar="N", dest=dest, help=help)
 
 
 def add_dtype(p: argparse.ArgumentParser, help: str, default: str | None = None) -> None:
@@ -81,7 +92,8 @@ def suggestions(name: str, limit: int = 3) -> tuple[list[str], int]:
         )
 
     scored = sorted(((max(score(s) for s in (n, *e.aliases)), n) for n, e in ZOO.items()), key=lambda t: -t[0])
-    close = [n for s, n in scored if s >= 0.75]
+    best = scored[0][0]
+    close = [n for s, n in scored if s >= max(0.75, best - 0.03)]  # the best, and those nearly as good
     return close[:limit], len(close)
 
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from eva02.cli import CliError
-from eva02.cli.options import DTYPES, HIDDEN, add_batch_size, add_out
+from eva02.cli.options import DTYPES, HIDDEN, add_batch_size, add_out, positive_int
 from eva02.fileio import atomic_write_text, check_output, describe_os_error
 
 
@@ -61,7 +61,12 @@ def register(sub) -> None:
     )
     _common(p)
     p.add_argument(
-        "-b", "--batch-size", type=int, metavar="N", action=_BatchAsOption, help="batch per device (data.batch_size)"
+        "-b",
+        "--batch-size",
+        type=positive_int,
+        metavar="N",
+        action=_BatchAsOption,
+        help="batch per device (data.batch_size)",
     )
     p.add_argument(
         "--resume", nargs="?", const="auto", help="'auto' (default when given alone): the work dir's last checkpoint"
