@@ -64,14 +64,6 @@ def add_dtype(p: argparse.ArgumentParser, help: str, default: str | None = None)
     p.add_argument("--dtype", choices=DTYPES, default=default, help=help)
 
 
-def check_positive(args: argparse.Namespace, **flags: str) -> None:
-    """Each `dest=flag` whose value is set must be >= 1; the message names the flag as typed."""
-    for dest, flag in flags.items():
-        value = getattr(args, dest, None)
-        if value is not None and value < 1:
-            raise CliError(f"{flag} must be 1 or more, got {value}")
-
-
 # ------------------------------------------------------------------------------------ zoo names
 def suggestions(name: str, limit: int = 3) -> tuple[list[str], int]:
     """Zoo names close to `name`: those containing it (as a name or an alias), else near spellings.
