@@ -7,9 +7,12 @@ Each module `eva02/cli/<name>.py` defines `register(subparsers)`, which adds its
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+import warnings
 
+from eva02 import hints
 from eva02.extras import MissingExtra
 
 # Subcommand modules, in the order their commands appear in `eva02 --help`.
@@ -67,6 +70,18 @@ def _positionals_last(argv: list[str]) -> list[str]:
     return [*head, "--", *tail] if tail else head
 
 
+@contextlib.contextmanager
+def _plain_warnings():
+    """Warnings as `warning: message` lines on stderr, without the source file and line of the library."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(_positionals_last(sys.argv[1:] if argv is None else list(argv)))
@@ -78,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with hints.using(hints.CLI), _plain_warnings():
+            return int(args.func(args) or 0)
     except BrokenPipeError:  # stdout's reader went away (`| head`): stop quietly, as a killed writer would
         import os
 

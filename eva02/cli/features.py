@@ -30,6 +30,7 @@ from eva02.cli.predict import (
     worker_count,
 )
 from eva02.fileio import atomic_write, check_output
+from eva02.hints import count
 
 if TYPE_CHECKING:
     import numpy as np
@@ -129,14 +130,14 @@ def run(args: argparse.Namespace) -> int:
 
 def features(args: argparse.Namespace) -> int:
     """The `features` command."""
-    import numpy as np
+    check_batching(args)
+    paths = collect_paths(args)
+    out = check_outputs(args, paths)
+    import numpy as np  # torch and friends: after the input and output checks
 
     from eva02.data.transforms import eval_transform
     from eva02.inference import iter_file_batches
 
-    check_batching(args)
-    paths = collect_paths(args)
-    out = check_outputs(args, paths)
     model, pre = load_model_from_args(args, need_head=False)
     depth = len(model.blocks)
     bad = [i for i in args.out_indices if not -depth <= i < depth]
@@ -161,7 +162,8 @@ def features(args: argparse.Namespace) -> int:
         bar.update(len(indices) + len(errors))
     bar.close()
     if not files:
-        print(f"eva02 features: none of the {len(paths)} images could be read; nothing written", file=sys.stderr)
+        what = "the image" if len(paths) == 1 else f"none of the {len(paths)} images"
+        print(f"eva02 features: {what} could be read; nothing written", file=sys.stderr)
         return 1
     array = np.concatenate(chunks)
     meta = {
@@ -172,7 +174,8 @@ def features(args: argparse.Namespace) -> int:
         "dtype": args.dtype or "fp32",
     }
     written = save_features(out, array, files, meta)
-    emit(f"wrote {' and '.join(map(str, written))}: features {tuple(array.shape)} float32 for {len(files)} images")
+    shape, n = tuple(array.shape), count(len(files), "image")
+    emit(f"wrote {' and '.join(map(str, written))}: features {shape} float32 for {n}")
     if failed:
-        print(f"eva02 features: {failed} of {len(paths)} images failed", file=sys.stderr)
+        print(f"eva02 features: {failed} of {count(len(paths), 'image')} failed", file=sys.stderr)
     return 1 if failed else 0

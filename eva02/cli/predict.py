@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 from eva02.cli import CliError
 from eva02.cli.options import HIDDEN, add_batch_size, add_checkpoint, add_dtype, add_model, add_out, zoo_entry
 from eva02.fileio import check_output, check_writable_dir
+from eva02.hints import count
+from eva02.threads import default_threads
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -54,9 +56,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 
 def collect_paths(args: argparse.Namespace) -> list[Path]:
-    """Expand the IMAGES arguments (and --demo) to files, refusing an empty selection."""
-    from eva02.data.images import iter_image_paths
-
+    """Expand the IMAGES arguments (and --demo) to files, refusing an empty selection or a missing path."""
     inputs = list(args.images)
     if getattr(args, "demo", False):
         from eva02.assets import DEMO_IMAGE
@@ -64,6 +64,12 @@ def collect_paths(args: argparse.Namespace) -> list[Path]:
         inputs.append(DEMO_IMAGE)
     if not inputs:
         raise CliError("no images given: pass image files or directories" + (", or --demo" if "demo" in args else ""))
+    missing = [str(p) for p in inputs if not os.path.lexists(p)]
+    if missing:  # before any model is loaded
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise CliError(f"no such file or folder: {shown}; check the path")
+    from eva02.data.images import iter_image_paths
+
     paths = iter_image_paths(inputs)
     if not paths:
         raise CliError(f"no image files found in {', '.join(map(str, inputs))} (looked for .jpg, .png, .webp, ...)")
@@ -241,7 +247,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--compile", action="store_true", help="run the model through torch.compile (pays off on many images)"
     )
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: the cores free now)")
     p.set_defaults(func=run)
 
 
@@ -273,9 +279,6 @@ def run(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace) -> int:
     """The `predict` command; result lines go through `emit`."""
-    from eva02.data.images import ImageError, load_image, save_image_atomic
-    from eva02.inference import Predictor, draw_topk, iter_file_batches
-
     if args.topk < 1:
         raise CliError(f"--topk must be 1 or more, got {args.topk}")
     if args.threads is not None and args.threads < 1:
@@ -283,9 +286,13 @@ def predict(args: argparse.Namespace) -> int:
     check_batching(args)
     paths = collect_paths(args)
     drawings = drawing_paths(paths, check_writable_dir(args.out, "--out folder"), args.force) if args.out else []
+    from eva02.data.images import ImageError, load_image, save_image_atomic  # torch: after the input checks
+    from eva02.inference import Predictor, draw_topk, iter_file_batches
+
     model, pre = load_model_from_args(args, need_head=True)
+    threads = args.threads or default_threads()  # torch's one per core crawls on a busy machine (eva02/threads.py)
     predictor = Predictor(
-        model, preprocess=pre, batch_size=args.batch_size, dtype=args.dtype, compile=args.compile, threads=args.threads
+        model, preprocess=pre, batch_size=args.batch_size, dtype=args.dtype, compile=args.compile, threads=threads
     )
     failed = 0
     bar = progress(len(paths), args.batch_size, "predict")
@@ -309,5 +316,5 @@ def predict(args: argparse.Namespace) -> int:
         bar.update(len(indices) + len(errors))
     bar.close()
     if failed:
-        print(f"eva02 predict: {failed} of {len(paths)} images failed", file=sys.stderr)
+        print(f"eva02 predict: {failed} of {count(len(paths), 'image')} failed", file=sys.stderr)
     return 1 if failed else 0
