@@ -107,3 +107,18 @@ def test_dir_lock_is_exclusive_and_taken_over_after_death(tmp_path):
     p.wait()
     with fileio.DirLock(tmp_path) as lock:
         assert lock.previous and f"pid={p.pid}" in lock.previous
+
+
+@pytest.mark.parametrize(("code", "words"), [(30, "the file system is read-only"), (28, "no space left on the device")])
+def test_unwritable_folder_is_named_with_the_reason(tmp_path, monkeypatch, code, words):
+    """A read-only mount or a full disk (simulated: root can write anywhere here) is one clear line."""
+    import pathlib
+
+    def refuse(self, *a, **k):
+        raise OSError(code, os.strerror(code), str(self))
+
+    monkeypatch.setattr(pathlib.Path, "touch", refuse)
+    with pytest.raises(fileio.OutputError, match=f"cannot write to work dir {tmp_path}: {words}"):
+        fileio.DirLock(tmp_path).acquire()
+    with pytest.raises(fileio.OutputError, match=words):
+        fileio.check_output(tmp_path / "f.npy")
