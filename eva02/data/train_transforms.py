@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torchvision.transforms import v2
@@ -92,6 +93,15 @@ def train_transform(
         # timm's 'pixel' mode: erased areas get per-pixel normal noise (in normalised units).
         ops.append(v2.RandomErasing(p=reprob, value="random"))
     return v2.Compose(ops)
+
+
+def train_transform_from(data: Any, img_size: int) -> Callable:
+    """`train_transform` with the augmentation settings of a run's `data` section (an engine `DataCfg`)."""
+    d = data
+    return train_transform(
+        img_size, d.mean, d.std, d.rrc_scale, d.rrc_ratio, d.hflip,
+        d.randaug_n, d.randaug_m, d.randaug_mstd, d.reprob, d.interpolation,
+    )  # fmt: skip
 
 
 def seed_worker(worker_id: int) -> None:
