@@ -19,10 +19,13 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from eva02.extras import need
 from eva02.fileio import atomic_write
+from eva02.model import fast
+from eva02.model.rope import RopeTables
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts", "exported-program": ".pt2"}
@@ -96,19 +99,47 @@ def _batch_dim():
     return torch.export.Dim("batch", min=1, max=MAX_BATCH)
 
 
+class SeparateProjections(fast.Traced):
+    """The block form traced for ONNX: q, k, v and SwiGLU's gate and value come from their own products.
+
+    In graph runtimes without views (ONNX), slicing the fused qkv output, splitting it and permuting heads
+    are copies; three products on slices of the fused weight (constants, folded at export) write q, k
+    and v directly, and two write the gate and the value. Same numbers as the fused layout
+    (`tests/test_fast_paths.py`); eager and compiled PyTorch keep the fused form.
+    """
+
+    def attention(self, attn: nn.Module, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+        B, T, D = x.shape
+        w, x = attn.qkv.weight, x.reshape(B * T, D)  # 2-D products: one Gemm each, bias included
+        q, k, v = (
+            F.linear(x, w[:D], attn.q_bias),
+            F.linear(x, w[D : 2 * D]),  # the k bias is zero
+            F.linear(x, w[2 * D :], attn.v_bias),
+        )
+        q, k, v = (t.view(B, T, attn.heads, attn.head_dim) for t in (q, k, v))  # (B, T, h, hd)
+        cos, sin = rope.cos[:, None, :], rope.sin[:, None, :]  # (T, 1, hd)
+        # The pair swap of the real form as a product with a permutation matrix: exact (one term per
+        # output, times 1), and one GEMM in graph runtimes, where `flip` is a strided copy.
+        hd = attn.head_dim
+        swap = torch.eye(hd, dtype=q.dtype, device=q.device).view(hd // 2, 2, hd).flip(1).reshape(hd, hd)
+        q, k = ((t * cos + (t @ swap) * sin).to(t.dtype) for t in (q, k))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, T, hd)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return attn.proj(x.transpose(1, 2).reshape(B * T, D)).view(B, T, D)
+
+    def mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        H, shape = mlp.w12.weight.shape[0] // 2, x.shape
+        w, b, x = mlp.w12.weight, mlp.w12.bias, x.reshape(-1, shape[-1])  # 2-D: Gemm with its bias
+        h = mlp.norm(F.silu(F.linear(x, w[:H], b[:H])) * F.linear(x, w[H:], b[H:]))
+        return mlp.w3(h).view(shape)
+
+
 @contextlib.contextmanager
 def separate_projections(model: nn.Module):
-    """Within the block: attention and SwiGLU modules of `model` trace q/k/v and gate/value as separate
-    products (see `layers.Attention.forward`); the previous setting is restored afterwards."""
-    mods = [m for m in model.modules() if hasattr(m, "separate_projections")]
-    before = [m.separate_projections for m in mods]
-    for m in mods:
-        m.separate_projections = True
-    try:
+    """Within the block, model calls (of `model` and any other Eva02) run their blocks in the
+    `SeparateProjections` form; the model itself is not changed. Yields `model`."""
+    with fast.use(SeparateProjections()):
         yield model
-    finally:
-        for m, b in zip(mods, before, strict=True):
-            m.separate_projections = b
 
 
 def _export_onnx(model: nn.Module, x: torch.Tensor, path: str, dynamic_batch: bool) -> None:

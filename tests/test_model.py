@@ -161,26 +161,22 @@ def test_bf16_autocast_runs_and_stays_close():
 
 
 @pytest.mark.parametrize("sub_ln", [False, True])
-def test_bf16_inference_takes_the_in_place_rotation_and_equals_the_real_form(sub_ln, monkeypatch):
-    """bf16 weights, eager: q and k are rotated in place (through fp32); same logits as the real-form path."""
-    from eva02.model import layers
+def test_bf16_inference_takes_the_in_place_rotation_and_equals_the_real_form(sub_ln):
+    """bf16 weights, eager: q and k are rotated in place (through fp32); same logits as the real form."""
+    from eva02.model import fast
 
     m = make(10, sub_ln=sub_ln).to(torch.bfloat16)
     with torch.no_grad():  # peaked attention, so that the output depends on the rotation
         for blk in m.blocks:
             blk.attn.qkv.weight.mul_(8)
     x = torch.randn(2, 3, 56, 56).to(torch.bfloat16)
-    calls = []
-    widened = layers.rotate_pairs_widened_
-    monkeypatch.setattr(layers, "rotate_pairs_widened_", lambda *a: calls.append(1) or widened(*a))
     with torch.inference_mode():
-        fast = m(x)
-    assert len(calls) == len(m.blocks)
-    monkeypatch.setattr(layers, "traced", lambda: True)  # the real form, as compilers and exporters get it
-    with torch.inference_mode():
-        real = m(x)
-    assert len(calls) == len(m.blocks)
-    torch.testing.assert_close(fast.float(), real.float(), atol=2e-2 * real.float().abs().max().item(), rtol=0)
+        path = fast.choose(m.prepare_tokens(x), m.blocks)
+        assert isinstance(path, fast.Inference) and path.widen
+        eager = m(x)
+        with fast.use(fast.Traced()):  # the real form, as compilers and exporters get it
+            real = m(x)
+    torch.testing.assert_close(eager.float(), real.float(), atol=2e-2 * real.float().abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("sub_ln", [False, True])
@@ -253,48 +249,42 @@ def test_compiled_model_does_not_recompile_on_the_second_call():
 
 
 @pytest.mark.parametrize("sub_ln", [False, True])
-def test_shared_inference_buffers_change_nothing(sub_ln, monkeypatch):
-    from eva02.model import layers
+def test_shared_inference_buffers_change_nothing(sub_ln):
+    from eva02.model import fast
 
     m = make(10, sub_ln=sub_ln)
     x = torch.randn(2, 3, 56, 42)
     with torch.no_grad():
         m.reuse_buffers = False
+        assert fast.choose(m.prepare_tokens(x), m.blocks, m.reuse_buffers).ws is None
         ref_final, ref_feats = m.forward_intermediates(x, output_fmt="NLC")
         ref_logits = m(x)
-    made, allocations = [], []
-    init, linear = layers.Workspace.__init__, layers.Workspace.linear
-
-    def counted(self, *sizes):
-        init(self, *sizes)
-        made.append(self)
-
-    def watched(self, *args):
-        before = self._buf
-        out = linear(self, *args)
-        allocations.append(self._buf is not before)
-        return out
-
-    monkeypatch.setattr(layers.Workspace, "__init__", counted)
-    monkeypatch.setattr(layers.Workspace, "linear", watched)
     m.reuse_buffers = True
     with torch.inference_mode():
+        ws = fast.choose(m.prepare_tokens(x), m.blocks, m.reuse_buffers).ws
         final, feats = m.forward_intermediates(x, output_fmt="NLC")
         logits = m(x)
-    # one workspace per forward; its buffer is allocated once, then qkv and w12 of every block share it
-    depth, T, c = len(m.blocks), 1 + (56 // 14) * (42 // 14), m.cfg
-    assert len(made) == 2 and len(allocations) == 2 * 2 * depth
-    assert allocations == [True] + [False] * (2 * depth - 1) + [True] + [False] * (2 * depth - 1)
-    assert all(w._buf.numel() == 2 * T * max(3 * c.dim, 2 * c.mlp_hidden) for w in made)
+    assert isinstance(ws, fast.Workspace)
     # bit-identical, and intermediates kept from earlier blocks are not overwritten by later ones
     assert torch.equal(logits, ref_logits) and torch.equal(final, ref_final)
     assert all(torch.equal(a, b) for a, b in zip(feats, ref_feats, strict=True))
-    # never while autograd records, under autocast, or on other devices
-    assert not layers.Workspace.usable(x.requires_grad_())
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not layers.Workspace.usable(x)
+    # the buffer is allocated once, as large as the widest output (qkv or w12) of one call, then the
+    # qkv and w12 products of every block write into it
+    T, c = 1 + (56 // 14) * (42 // 14), m.cfg
+    blk = m.blocks[0]
+    tokens = torch.randn(2, T, c.dim)
     with torch.no_grad():
-        assert layers.Workspace.usable(x) and not layers.Workspace.usable(x.to("meta"))
+        qkv = ws.linear(tokens, blk.attn.qkv.weight, torch.zeros(3 * c.dim))
+        w12 = ws.linear(tokens, blk.mlp.w12.weight, blk.mlp.w12.bias)
+        assert qkv.data_ptr() == w12.data_ptr()
+        assert w12.untyped_storage().nbytes() == 4 * 2 * T * max(3 * c.dim, 2 * c.mlp_hidden)
+        torch.testing.assert_close(w12, blk.mlp.w12(tokens))
+    # never while autograd records, under autocast, or on other devices
+    assert not fast.Workspace.usable(x.requires_grad_())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fast.Workspace.usable(x)
+    with torch.no_grad():
+        assert fast.Workspace.usable(x) and not fast.Workspace.usable(x.to("meta"))
 
 
 def test_concurrent_inference_threads_get_their_own_results():

@@ -106,7 +106,7 @@ def test_half_precision_in_place_rotation_equals_real_form(dtype):
 def test_half_precision_training_rotation_rounds_once(dtype):
     """The training function in half precision: outputs and the qkv gradient are the exact (float64)
     rotation rounded once to the half dtype, as the fp32 product then one rounding gives."""
-    from eva02.model.layers import _RotateSplit
+    from eva02.model.fast import RotateSplit
     from eva02.model.rope import rope_complex
 
     cos, sin = rope_tables((6, 6), 64, num_prefix=1, dtype=torch.float64)
@@ -120,7 +120,7 @@ def test_half_precision_training_rotation_rounds_once(dtype):
     torch.autograd.backward(ref_outs, [t.double() for t in grads_out])
 
     x = qkv.clone().requires_grad_()
-    outs = _RotateSplit.apply(x, rope_complex(cos, sin).to(torch.complex64)[:, None])
+    outs = RotateSplit.apply(x, rope_complex(cos, sin).to(torch.complex64)[:, None], True)
     torch.autograd.backward(outs, grads_out)
     assert x.grad.dtype == dtype and all(o.dtype == dtype for o in outs)
     eps = torch.finfo(dtype).eps
@@ -129,9 +129,11 @@ def test_half_precision_training_rotation_rounds_once(dtype):
         assert (err <= eps * ref.detach().abs() + 1e-6).all(), err.max().item()
 
 
-def test_training_functions_pass_gradcheck():
-    """The hand-written backwards of the training forms of RoPE+split and the SwiGLU gate."""
-    from eva02.model.layers import _RotateSplit, _SiluGate
+@pytest.mark.parametrize("widen", [False, True])
+def test_training_functions_pass_gradcheck(widen):
+    """The hand-written backwards of the training forms of RoPE+split and the SwiGLU gate (the widened
+    form, used for half precision, computes in float64 here)."""
+    from eva02.model.fast import RotateSplit, SiluGate
     from eva02.model.rope import rope_complex, rope_tables
 
     g = torch.Generator().manual_seed(0)
@@ -139,27 +141,27 @@ def test_training_functions_pass_gradcheck():
     cos, sin = rope_tables((2, 2), hd, ref_grid=2, num_prefix=1, dtype=torch.float64)
     rot = rope_complex(cos, sin)[:, None, :]  # (T, 1, hd/2)
     qkv = torch.randn(2, T, 3, h, hd, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: _RotateSplit.apply(t, rot), (qkv,))
+    assert torch.autograd.gradcheck(lambda t: RotateSplit.apply(t, rot, widen), (qkv,))
     # forward: q and k rotated as the real form does, v unchanged, all head-major (B, h, T, hd)
-    q, k, v = _RotateSplit.apply(qkv, rot)
+    q, k, v = RotateSplit.apply(qkv, rot, widen)
     ref = apply_rope(qkv[:, :, :2].detach(), cos[:, None, None, :], sin[:, None, None, :])
     torch.testing.assert_close(q, ref[:, :, 0].transpose(1, 2))
     torch.testing.assert_close(k, ref[:, :, 1].transpose(1, 2))
     assert torch.equal(v, qkv[:, :, 2].detach().transpose(1, 2))
     x12 = torch.randn(3, 4, 12, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(_SiluGate.apply, (x12,))
+    assert torch.autograd.gradcheck(SiluGate.apply, (x12,))
     gate, value = x12.detach().chunk(2, -1)
-    torch.testing.assert_close(_SiluGate.apply(x12), torch.nn.functional.silu(gate) * value)
+    torch.testing.assert_close(SiluGate.apply(x12), torch.nn.functional.silu(gate) * value)
 
 
 def test_training_gate_saves_only_its_input():
     """The SwiGLU gate keeps w12's output for backward and nothing else (silu is recomputed)."""
-    from eva02.model.layers import _SiluGate
+    from eva02.model.fast import SiluGate
 
     x12 = torch.randn(2, 5, 8, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = _SiluGate.apply(x12)
+        out = SiluGate.apply(x12)
     assert len(saved) == 1 and saved[0] is x12
     out.sum().backward()
     gate, value = x12.detach().chunk(2, -1)

@@ -9,9 +9,10 @@ The tables cover the class token too, with an identity rotation (cos 1, sin 0), 
 token are rotated in one step without slicing or concatenation; x * 1 + y * 0 == x exactly, so the
 class token is untouched bit for bit.
 
-Eager code rotates in place with one complex product per pair (`rope_complex`, `rotate_pairs_`, and
-`rotate_pairs_widened_` for half precision); `apply_rope` is the same rotation in real arithmetic, for
-torch.compile and ONNX export (neither has complex kernels).
+`apply_rope` is the rotation as the reference layers (`layers.py`) compute it, in real arithmetic, which
+torch.compile and ONNX export also take (neither has complex kernels). The fast forms (`fast.py`) rotate
+in place with one complex product per pair (`rope_complex`, `rotate_pairs_`, and `rotate_pairs_widened_`
+for half precision).
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RopeTables(NamedTuple):
-    """Per-grid RoPE tables, built once and shared by every block: the real form and its complex twin."""
+    """Per-grid RoPE tables, built once and shared by every block: the real form (reference, compilers)
+    and its complex twin (the eager fast forms)."""
 
     cos: torch.Tensor  # (T, hd)
     sin: torch.Tensor  # (T, hd), sign-folded (see `rope_tables`)
@@ -103,8 +105,9 @@ def rotate_pairs_widened_(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 
     Three passes and one fp32 temporary, where the real form (`apply_rope` with fp32 tables) takes
     about six passes and four fp32 temporaries; the product is taken in fp32 in both, then rounded once.
+    (A float64 x is rotated through a float64 copy, so tests can check this form in float64.)
     """
-    wide = x.float()
+    wide = x.to(torch.promote_types(x.dtype, torch.float32), memory_format=torch.contiguous_format, copy=True)
     rotate_pairs_(wide, rot)
     return x.copy_(wide)
 

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from eva02.model import fast
 from eva02.model.config import Eva02Config
-from eva02.model.layers import Block, PatchEmbed, Workspace
+from eva02.model.layers import Block, PatchEmbed
 from eva02.model.rope import RopeTables, rope_complex, rope_tables
 
 OUT_TYPES = ("raw", "cls_token", "featmap", "avg_featmap")
@@ -56,7 +57,7 @@ class Eva02(nn.Module):
         self.fc_norm = nn.Identity() if headless else nn.LayerNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.grad_checkpointing = False
-        self.reuse_buffers = True  # CPU inference: blocks share one buffer for qkv and w12 (layers.Workspace)
+        self.reuse_buffers = True  # CPU inference: blocks share one buffer for qkv and w12 (fast.Workspace)
         self._rope_cache: dict[tuple, RopeTables] = {}
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         self.register_buffer("rope_cos", None, persistent=False)
@@ -175,7 +176,7 @@ class Eva02(nn.Module):
         if torch.compiler.is_compiling():
             if native:
                 return RopeTables(self.rope_cos, self.rope_sin, None)
-            return RopeTables(*self._real_rope(grid, device), None)  # real form: see layers.traced
+            return RopeTables(*self._real_rope(grid, device), None)  # real form: see fast.Traced
         key = (grid, device)
         tables = self._rope_cache.get(key)
         if tables is None:
@@ -221,21 +222,21 @@ class Eva02(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+N, D)
         return x.add_(self.pos_embed_for(grid).to(x.dtype))  # in place: cat's output is fresh and not saved
 
-    def _run_block(self, blk: Block, x: torch.Tensor, rope: RopeTables, ws: Workspace | None = None) -> torch.Tensor:
+    def _run_block(self, blk: Block, x: torch.Tensor, rope: RopeTables, path: fast.BlockPath | None) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(blk, x, rope, use_reentrant=False)
-        return blk(x, rope, ws)
+            return checkpoint(blk, x, rope, path, use_reentrant=False)
+        return blk(x, rope, path)
 
     def forward_tokens(self, x: torch.Tensor, grid: tuple[int, int], indices: Sequence[int] = ()):
-        """Run all blocks on tokens; return final raw tokens and the raw outputs of blocks in `indices`."""
+        """Run all blocks on tokens; return final raw tokens and the raw outputs of blocks in `indices`.
+
+        The form every block runs in (reference or one of `fast.py`'s) is chosen here, once per call.
+        """
         rope = self.rope_for(grid, x.device)
-        ws = None
-        if self.reuse_buffers and Workspace.usable(x):
-            c = self.cfg
-            ws = Workspace(x.shape[0] * x.shape[1] * max(3 * c.dim, 2 * c.mlp_hidden))
+        path = fast.choose(x, self.blocks, self.reuse_buffers)
         keep = {}
         for i, blk in enumerate(self.blocks):
-            x = self._run_block(blk, x, rope, ws)
+            x = self._run_block(blk, x, rope, path)
             if i in indices:
                 keep[i] = x
         return x, [keep[i] for i in indices]

@@ -1,0 +1,337 @@
+"""Fast forms of the EVA-02 block, beside the reference in `layers.py`, and the one place that picks them.
+
+`choose` runs once per model call (`Eva02.forward_tokens`) and returns the form that every block of
+that call runs (`layers.Block.forward(x, rope, path)`):
+
+- `Inference`: eager, autograd records nothing. RoPE rotates q and k in place where they lie in the
+  qkv output (one complex product per channel pair), SDPA reads q, k, v as strided views, the SwiGLU
+  gate is computed in place in w12's output, residual sums land in the fresh branch outputs, and on
+  CPU the qkv and w12 outputs of all blocks share one buffer (`Workspace`).
+- `Training`: eager, autograd records. RoPE with the q/k/v split (`RotateSplit`) and the SwiGLU gate
+  (`SiluGate`) are autograd functions whose backwards write one gradient each and save less.
+- `Traced`: torch.compile, torch.export, jit tracing. Out-of-place code the compiler fuses; RoPE as
+  one complex product in programs that run on PyTorch's kernels, in real arithmetic for inductor (no
+  complex code generation), ONNX (no complex type) and half precision.
+
+Half precision (bf16/fp16 weights or autocast) has no complex dtype: RoPE's product is then taken on a
+widened copy (`widen=True`), decided in the same place. Every form computes the reference's numbers;
+`tests/test_fast_paths.py` runs each against `layers.py` in float64, outputs and gradients.
+
+`use(path)` makes every model call inside a `with` block take one given form (None: the reference
+layers): exports use it for their own graph layout (`eva02.export.separate_projections`), tests to pin
+a form.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from eva02.model.layers import Attention, Block, SwiGLU, drop_path
+from eva02.model.rope import RopeTables, apply_rope, rope_complex, rotate_pairs_, rotate_pairs_widened_
+
+
+def traced() -> bool:
+    """True under torch.compile / torch.export / jit tracing, where in-place and complex tricks do not pay."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def complex_graph() -> bool:
+    """True while tracing a program that will run on PyTorch's own kernels (a torch.export program, a
+    TorchScript trace), which can keep complex products; torch.compile (inductor generates no complex
+    code) and ONNX export (no complex type) take real arithmetic."""
+    return (torch.compiler.is_exporting() or torch.jit.is_tracing()) and not torch.onnx.is_in_onnx_export()
+
+
+def low_precision(x: torch.Tensor) -> bool:
+    """Whether the blocks' products on `x` come out in half precision (its dtype, or autocast's)."""
+    dtype, dev = x.dtype, x.device.type
+    if dtype == torch.float32 and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+class Workspace:
+    """One output buffer shared by the blocks of one inference forward on CPU.
+
+    The two widest linear outputs of a block (qkv: 3D columns, SwiGLU's w12: 2H) are consumed inside
+    the block, and never both at once: attention has finished with qkv before w12 is computed, and the
+    MLP with w12 before the next block's qkv. So every block writes both into one buffer. Fresh tensors
+    of that size would be new pages from the C allocator each time, each one faulted in by the bias
+    copy that precedes the GEMM, and cold in cache. Peak memory is unchanged (the buffer is as large as
+    the larger output, which a plain forward also holds). One workspace lives for one forward call
+    (see `choose`), so nothing is shared between threads or calls, and it is only used where autograd
+    records nothing (outputs written in place are never saved).
+    """
+
+    def __init__(self, numel: int = 0) -> None:
+        self._buf: torch.Tensor | None = None
+        self._numel = numel  # capacity to allocate on first use, so that it is allocated once
+
+    @staticmethod
+    def usable(x: torch.Tensor) -> bool:
+        """Whether a forward on `x` may write linear outputs into reused buffers."""
+        return (
+            x.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and not traced()
+            and not torch.is_autocast_enabled("cpu")
+        )
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """`F.linear(x, weight, bias)` written into the shared buffer (valid until the next call)."""
+        rows = x.numel() // x.shape[-1]
+        n = rows * weight.shape[0]
+        buf = self._buf
+        if buf is None or buf.numel() < n or buf.dtype != x.dtype:
+            buf = self._buf = torch.empty(max(n, self._numel), dtype=x.dtype, device=x.device)
+        out = buf[:n].view(rows, weight.shape[0])
+        torch.addmm(bias, x.reshape(rows, x.shape[-1]), weight.t(), out=out)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _pairs(x: torch.Tensor) -> torch.Tensor:
+    """x (..., hd) as hd/2 complex numbers (a + ib per interleaved pair); a view, no copy."""
+    return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+
+
+def _widened(x: torch.Tensor) -> torch.Tensor:
+    """A dense copy of x in at least fp32, where half precision takes RoPE's complex product."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    return x.to(wide, memory_format=torch.contiguous_format, copy=True)
+
+
+class RotateSplit(torch.autograd.Function):
+    """Training form of RoPE: qkv (B, T, 3, h, hd) -> q, k rotated and v, each (B, h, T, hd).
+
+    The three outputs lie in one new (3, B, T, h, hd) buffer, each dense, written by one complex product
+    (q and k) and one copy (v); attention then returns its output laid out (B, T, h, hd), so merging the
+    heads is a view, not one more saved copy. The backward writes the three gradients straight into one
+    (B, T, 3, h, hd) gradient of qkv: no zero-filled full-size gradients per view, no stacking, and none
+    of the copies of the whole gradient that autograd makes for an in-place rotation of a view.
+    With `widen` (half precision, which has no complex dtype) the products are taken on fp32 copies of
+    q and k (and of their gradients), rounded once into the half-precision buffers.
+    Call: `RotateSplit.apply(qkv, rot, widen)`, rot (T, 1, hd/2) from `rope.rope_complex`.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, rot: torch.Tensor, widen: bool) -> tuple[torch.Tensor, ...]:
+        B, T, _, h, hd = qkv.shape
+        out = qkv.new_empty(3, B, T, h, hd)
+        dst = out.permute(1, 2, 0, 3, 4)  # (B, T, 3, h, hd) view
+        if widen:  # the product in fp32, rounded once into the output
+            dst[:, :, :2].copy_(rotate_pairs_(_widened(qkv[:, :, :2]), rot[:, None]))
+        else:
+            torch.mul(_pairs(qkv[:, :, :2]), rot[:, None], out=_pairs(dst[:, :, :2]))
+        dst[:, :, 2].copy_(qkv[:, :, 2])
+        ctx.save_for_backward(rot)
+        ctx.shape, ctx.dtype, ctx.widen = qkv.shape, qkv.dtype, widen
+        return out[0].transpose(1, 2), out[1].transpose(1, 2), out[2].transpose(1, 2)
+
+    @staticmethod
+    @once_differentiable  # the backward writes into buffers: no graph of it for higher-order gradients
+    def backward(ctx, gq: torch.Tensor | None, gk: torch.Tensor | None, gv: torch.Tensor | None):
+        (rot,) = ctx.saved_tensors
+        grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=rot.device)  # (B, T, 3, h, hd)
+        back = rot.conj()  # a rotation's transpose is the opposite rotation
+        for i, g in enumerate((gq, gk, gv)):
+            dst = grad[:, :, i]  # (B, T, h, hd)
+            if g is None:
+                dst.zero_()
+                continue
+            g = g.transpose(1, 2)  # attention returns gradients laid out as its inputs: dense here
+            if i == 2:
+                dst.copy_(g)
+            elif ctx.widen:  # as forward: through fp32
+                dst.copy_(rotate_pairs_(_widened(g), back))
+            else:
+                if g.stride(-1) != 1 or any(st % 2 for st in g.stride()[:-1]):
+                    g = g.contiguous()
+                torch.mul(_pairs(g), back, out=_pairs(dst))
+        return grad, None, None
+
+
+class SiluGate(torch.autograd.Function):
+    """Training form of the SwiGLU gate: x12 (..., 2H) = [gate, value] -> silu(gate) * value (..., H).
+
+    Saves only x12 (which the w12 output is anyway) and recomputes silu(gate) in backward, so a block
+    keeps one (..., H) tensor less than autograd would; both input gradients are written into one
+    (..., 2H) tensor, so the split of x12 costs no concatenation of gradients in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x12: torch.Tensor) -> torch.Tensor:
+        gate, value = x12.chunk(2, dim=-1)
+        ctx.save_for_backward(x12)
+        return F.silu(gate).mul_(value)  # the product lands in silu's fresh output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gh: torch.Tensor) -> torch.Tensor:
+        (x12,) = ctx.saved_tensors
+        gate, value = x12.chunk(2, dim=-1)
+        grad = torch.empty_like(x12)
+        g_gate, g_value = grad.chunk(2, dim=-1)
+        torch.mul(gh, F.silu(gate, inplace=False), out=g_value)
+        torch.mul(gh, value, out=g_gate)
+        torch.ops.aten.silu_backward.grad_input(g_gate, gate, grad_input=g_gate)  # element-wise, in place
+        return grad
+
+
+# ------------------------------------------------------------------------------------- block forms
+class BlockPath:
+    """A form of `layers.Block.forward`: the same pre-LN residual structure, with the attention and MLP
+    forms (and the residual sum) that subclasses define."""
+
+    def attention(self, attn: Attention, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mlp(self, mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x + y for the stream x and a branch output y."""
+        return x + y
+
+    def __call__(self, blk: Block, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+        y = drop_path(self.attention(blk.attn, blk.norm1(x), rope), blk.drop_path, blk.training)
+        x = self.residual(x, y)
+        y = drop_path(self.mlp(blk.mlp, blk.norm2(x)), blk.drop_path, blk.training)
+        return self.residual(x, y)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+def _qkv(attn: Attention, x: torch.Tensor, ws: Workspace | None = None) -> torch.Tensor:
+    """The fused q/k/v product with its bias (k's is zero): (B, T, D) -> (B, T, 3, h, hd)."""
+    B, T, _ = x.shape
+    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    qkv = F.linear(x, attn.qkv.weight, bias) if ws is None else ws.linear(x, attn.qkv.weight, bias)
+    return qkv.view(B, T, 3, attn.heads, attn.head_dim)
+
+
+def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA on (B, h, T, hd) q, k, v, heads merged, output projection -> (B, T, D)."""
+    B, _, T, _ = q.shape
+    # SDPA reads strided (B, h, T, hd) views without permuting the heads into a copy, and lays its
+    # output out (B, T, h, hd) like q, so the merge of heads below is a view.
+    x = F.scaled_dot_product_attention(q, k, v)
+    return attn.proj(x.transpose(1, 2).reshape(B, T, -1))
+
+
+class Inference(BlockPath):
+    """Eager forward without autograd: RoPE and the SwiGLU gate in place, residual sums in the fresh
+    branch outputs, and (`ws`, CPU) the qkv and w12 outputs of every block in one shared buffer."""
+
+    def __init__(self, widen: bool = False, ws: Workspace | None = None) -> None:
+        self.widen = widen  # half precision: RoPE through one fp32 temporary (rope.rotate_pairs_widened_)
+        self.ws = ws
+
+    def attention(self, attn: Attention, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+        qkv = _qkv(attn, x, self.ws)  # (B, T, 3, h, hd)
+        # q and k rotated where they lie in the qkv output: no copies of them.
+        rotate = rotate_pairs_widened_ if self.widen else rotate_pairs_
+        rotate(qkv[:, :, :2], rope.rot[:, None, None, :])
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, h, T, hd) views
+        return _attend(attn, q, k, v)
+
+    def mlp(self, mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:
+        x12 = mlp.w12(x) if self.ws is None else self.ws.linear(x, mlp.w12.weight, mlp.w12.bias)
+        gate, value = x12.chunk(2, dim=-1)  # (B, T, H) views of one (B, T, 2H) output
+        if isinstance(mlp.norm, nn.Identity):  # the gate in place inside w12's output
+            h = F.silu(gate, inplace=True).mul_(value)  # w3 reads the strided half without a copy
+        else:  # the sub-LN needs a dense input: the product writes one instead of LayerNorm copying
+            h = F.silu(gate, inplace=True) * value
+        return mlp.w3(mlp.norm(h))
+
+    def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # The branch output y is fresh, so the sum lands in it; the stream x is never modified, so
+        # callers may keep it (intermediate outputs).
+        return y.add_(x)
+
+
+class Training(BlockPath):
+    """Eager forward under autograd: RoPE with the q/k/v split, and the SwiGLU gate, as autograd
+    functions with hand-written backwards; residual sums out of place (an in-place sum on a linear's
+    (B, T, D) output, a view of a 2-D product, makes autograd copy and zero-fill whole gradients)."""
+
+    def __init__(self, widen: bool = False) -> None:
+        self.widen = widen  # half precision: RoPE's products (and their backward) through fp32
+
+    def attention(self, attn: Attention, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+        q, k, v = RotateSplit.apply(_qkv(attn, x), rope.rot[:, None, :], self.widen)  # (B, h, T, hd) each
+        return _attend(attn, q, k, v)
+
+    def mlp(self, mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:
+        return mlp.w3(mlp.norm(SiluGate.apply(mlp.w12(x))))
+
+
+class Traced(BlockPath):
+    """The form compilers and exporters trace: out of place (they plan memory and fuse element-wise
+    work themselves), RoPE on q and k in one step; the MLP is the reference's."""
+
+    def __init__(self, complex_rope: bool = False, inplace_residual: bool = False) -> None:
+        # complex_rope: one complex product (programs on PyTorch's kernels); else the real form, which
+        # inductor fuses into one kernel and ONNX can express.
+        self.complex_rope = complex_rope
+        self.inplace_residual = inplace_residual  # without autograd: sums into the fresh branch outputs
+
+    def attention(self, attn: Attention, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+        qkv = _qkv(attn, x)  # (B, T, 3, h, hd)
+        if self.complex_rope:
+            rot = rope.rot if rope.rot is not None else rope_complex(rope.cos, rope.sin)
+            qk = torch.view_as_real(_pairs(qkv[:, :, :2]) * rot[:, None, None, :]).flatten(-2)
+        else:
+            qk = apply_rope(qkv[:, :, :2], rope.cos[:, None, None, :], rope.sin[:, None, None, :])
+        q, k = (t.transpose(1, 2) for t in qk.unbind(2))  # (B, h, T, hd)
+        return _attend(attn, q, k, qkv[:, :, 2].transpose(1, 2))
+
+    def mlp(self, mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:
+        return mlp(x)
+
+    def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y.add_(x) if self.inplace_residual else x + y
+
+
+# ------------------------------------------------------------------------------------- the choice
+_CHOOSE = object()  # no form forced: `choose` decides
+_forced: ContextVar[object] = ContextVar("eva02_block_path", default=_CHOOSE)
+
+
+@contextlib.contextmanager
+def use(path: BlockPath | None) -> Iterator[None]:
+    """Inside the `with` block, every model call runs its blocks in form `path` (None: the reference)."""
+    token = _forced.set(path)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def choose(x: torch.Tensor, blocks: nn.ModuleList, reuse_buffers: bool = True) -> BlockPath | None:
+    """The block form for one model call on tokens `x` (B, T, D); None means the reference layers.
+
+    Args:
+        blocks: the blocks that will run (whether any parameter needs a gradient; the workspace size).
+        reuse_buffers: allow a `Workspace` for CPU inference.
+    """
+    forced = _forced.get()
+    if forced is not _CHOOSE:
+        return forced
+    widen = low_precision(x)
+    if traced():
+        return Traced(complex_rope=complex_graph() and not widen, inplace_residual=not torch.is_grad_enabled())
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in blocks.parameters())):
+        return Training(widen)
+    ws = None
+    if reuse_buffers and Workspace.usable(x):
+        first = blocks[0]
+        ws = Workspace(x.shape[0] * x.shape[1] * max(first.attn.qkv.out_features, first.mlp.w12.out_features))
+    return Inference(widen, ws)
