@@ -1,0 +1,284 @@
+"""The HTTP app (FastAPI): routes, limits and the life cycle of the batch worker.
+
+Routes (JSON in and out, errors as `{"detail": "one line"}`):
+  POST /v1/classify?topk=5   an image -> top-k classes, the record of `eva02 predict --json`
+  POST /v1/features          an image -> its pooled embedding (`eva02 features`' default)
+  POST /v1/zero-shot, /v1/embed-text, /v1/explain   reserved for CLIP and explanations: 501 for now
+  GET  /v1/model             what is served; GET /healthz, /readyz, /metrics
+  GET  /                     reserved for the browser page
+An image is the whole request body (raw bytes, any content type but a form) or the first file of a
+multipart form. A request is admitted only while fewer than `max_queue` are held (reading, decoding,
+waiting or in the model): else 503 with Retry-After, before its body is read. Bodies over
+`max_upload_bytes` get 413 as soon as they pass the limit; images that cannot be read get 400 with
+the loader's reason; a request not answered within `timeout_s` gets 504 (408 if its body had not
+arrived by then). Images are decoded in a thread pool, the model runs in the batcher's own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
+
+from eva02.data.images import ImageError
+from eva02.serve.batcher import Batcher, Closed
+from eva02.serve.metrics import Metrics, RequestMetrics
+from eva02.serve.runner import ModelRunner
+
+log = logging.getLogger("eva02.serve")
+RETRY_AFTER = {"Retry-After": "1"}  # seconds; a full queue empties at the model's pace, usually well within
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Batching and limits of one server (the `eva02 serve` flags)."""
+
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 128  # requests held at once
+    max_upload_bytes: int = 16 * 2**20
+    timeout_s: float = 30.0
+    decode_threads: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_upload_bytes", "decode_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be 1 or more, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.timeout_s <= 0:
+            raise ValueError(f"max_wait_ms must be >= 0 and timeout_s > 0, got {self.max_wait_ms}, {self.timeout_s}")
+
+
+class UploadTooLarge(Exception):
+    """The request body passed the upload limit."""
+
+
+# The request body the image routes take, for /openapi.json (the routes read it themselves).
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+PLANNED = {
+    "/v1/zero-shot": "zero-shot classification with the label texts you send comes with the CLIP models",
+    "/v1/embed-text": "text embeddings come with the CLIP models",
+    "/v1/explain": "attention-rollout and Grad-CAM maps are planned",
+}
+
+
+class ServeState:
+    """What the routes share: the runner, the batcher, the metrics and the admission count."""
+
+    def __init__(self, runner: ModelRunner, settings: ServeSettings) -> None:
+        self.runner = runner
+        self.settings = settings
+        self.batcher = Batcher(
+            runner.run, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1000,
+            on_batch=self._on_batch,
+        )  # fmt: skip
+        self.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="eva02-decode")
+        self.held = 0  # admitted requests not answered yet
+        self.ready = False
+        self.draining = False
+        self.warm_up_error: str | None = None
+        self.metrics = Metrics(
+            lambda: self.batcher.depth, lambda: self.held, {k: str(v) for k, v in runner.info().items()}
+        )
+
+    def _on_batch(self, kind: str, size: int, seconds: float) -> None:
+        self.metrics.observe_batch(kind, size, seconds)
+
+    async def warm_up(self) -> None:
+        """One model call per kind on the model thread; readyz turns 200 after it."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.batcher.executor, self.runner.warm_up)
+        except Exception as e:  # stays not ready, and says why
+            self.warm_up_error = f"{type(e).__name__}: {e}"
+            log.error("eva02 serve: the warm-up call failed, the server stays not ready: %s", self.warm_up_error)
+            return
+        self.ready = True
+
+    async def infer(self, request: Request, kind: str) -> Any:
+        """Admit, read, decode and queue one image; its row of the batch result."""
+        if not self.ready:
+            raise HTTPException(
+                503, "the model is warming up; retry shortly (GET /readyz says when)", headers=RETRY_AFTER
+            )
+        if self.held >= self.settings.max_queue:
+            raise HTTPException(
+                503, f"the server is busy ({self.held} requests held, --max-queue {self.settings.max_queue})",
+                headers=RETRY_AFTER,
+            )  # fmt: skip
+        self.held += 1
+        stage = ["reading"]
+        try:
+            return await asyncio.wait_for(self._infer(request, kind, stage), self.settings.timeout_s)
+        except asyncio.TimeoutError:
+            if stage[0] == "reading":
+                raise HTTPException(408, f"the upload did not arrive within {self.settings.timeout_s:g} s") from None
+            raise HTTPException(
+                504, f"no result within {self.settings.timeout_s:g} s ({stage[0]}); the server is overloaded"
+            ) from None
+        finally:
+            self.held -= 1
+
+    async def _infer(self, request: Request, kind: str, stage: list[str]) -> Any:
+        data, name = await read_image(request, self.settings.max_upload_bytes)
+        stage[0] = "decoding"
+        loop = asyncio.get_running_loop()
+        try:
+            image = await loop.run_in_executor(self.decoders, self.runner.decode, data, name)
+        except ImageError as e:
+            raise HTTPException(400, str(e)) from None
+        stage[0] = "waiting for the model"
+        try:
+            future = self.batcher.submit(kind, image)
+        except Closed:
+            raise HTTPException(503, "the server is shutting down", headers=RETRY_AFTER) from None
+        try:
+            return await future
+        except Exception as e:
+            log.exception("eva02 serve: a model call failed")
+            raise HTTPException(500, f"the model call failed: {type(e).__name__}: {e}") from None
+
+
+async def read_image(request: Request, limit: int) -> tuple[bytes, str]:
+    """(bytes, name) of the image in the body: the first file of a multipart form, else the raw body.
+    413 once more than `limit` bytes arrive (at once when Content-Length says so)."""
+    too_large = HTTPException(413, f"the upload is larger than the limit of {limit} bytes (--max-upload-mb)")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    received = 0
+
+    async def receive_within_limit():
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise UploadTooLarge
+        return message
+
+    limited = Request(request.scope, receive_within_limit)
+    try:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return await _first_file(limited)
+        return b"".join([chunk async for chunk in limited.stream()]), "request body"
+    except UploadTooLarge:
+        raise too_large from None
+    except ClientDisconnect:
+        raise HTTPException(400, "the client went away before the upload ended") from None
+
+
+async def _first_file(request: Request) -> tuple[bytes, str]:
+    form = await request.form(max_files=1, max_fields=16)
+    try:
+        for value in form.values():
+            if isinstance(value, UploadFile):
+                return await value.read(), value.filename or "upload"
+    finally:
+        await form.close()
+    raise HTTPException(400, "the multipart form has no file: send the image as a file field, e.g. curl -F file=@x.jpg")
+
+
+# ------------------------------------------------------------------------------------------- app
+def create_app(runner: ModelRunner, settings: ServeSettings | None = None) -> FastAPI:
+    """The server's ASGI app for a loaded model; its state is `app.state.serve` (a ServeState)."""
+    state = ServeState(runner, settings or ServeSettings())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.batcher.start()
+        warm = asyncio.get_running_loop().create_task(state.warm_up())
+        try:
+            yield
+        finally:  # uvicorn gets here after the requests in flight were answered
+            state.draining = True
+            await warm
+            await state.batcher.close()
+            state.decoders.shutdown(wait=True)
+
+    # No /docs page: it loads its scripts from a CDN. /openapi.json describes the routes.
+    app = FastAPI(title="eva02 serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.serve = state
+    _add_routes(app, state)
+    app.add_middleware(RequestMetrics, metrics=state.metrics, routes=[r.path for r in app.routes])
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(x) for x in err['loc'][1:]) or err['loc'][0]}: {err['msg']}" for err in exc.errors()]
+        return JSONResponse({"detail": "; ".join(parts)}, status_code=400)
+
+    return app
+
+
+def _add_routes(app: FastAPI, state: ServeState) -> None:
+    runner = state.runner
+
+    # JSONResponse directly: FastAPI's encoder would walk every float of an embedding in Python.
+    @app.post("/v1/classify", openapi_extra=IMAGE_BODY)
+    async def classify(request: Request, topk: int = Query(5, ge=1, description="classes to return")) -> JSONResponse:
+        """Top-k classes of one image."""
+        if runner.predictor is None:
+            raise HTTPException(
+                400, f"model '{runner.name}' has no classifier head (a pre-trained backbone); use POST /v1/features"
+            )
+        probs = await state.infer(request, "classify")
+        return JSONResponse(runner.classify_json(probs, topk))
+
+    @app.post("/v1/features", openapi_extra=IMAGE_BODY)
+    async def features(request: Request) -> JSONResponse:
+        """Pooled embedding of one image."""
+        return JSONResponse(runner.features_json(await state.infer(request, "features")))
+
+    for path, what in PLANNED.items():
+        app.add_api_route(path, _not_yet(what), methods=["POST"], include_in_schema=False)
+
+    @app.get("/v1/model")
+    async def model() -> dict:
+        """The model served, its input size and what it computes."""
+        return {**runner.info(), "max_batch": state.settings.max_batch}
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        """200 while the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """200 once the model is loaded and warmed up, 503 before that and while shutting down."""
+        if state.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        if not state.ready:
+            detail = f"warm-up failed: {state.warm_up_error}" if state.warm_up_error else "warming up"
+            return JSONResponse({"status": detail}, status_code=503)
+        return JSONResponse({"status": "ready", "model": runner.name})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)
+
+
+def _not_yet(what: str):
+    async def planned() -> None:
+        raise HTTPException(501, f"not available yet: {what}")
+
+    return planned
