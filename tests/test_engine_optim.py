@@ -89,16 +89,26 @@ def test_schedule_drives_every_group_and_resumes() -> None:
 
 def test_ema_is_the_exponential_average() -> None:
     model = _model(1)
-    ema = ModelEma(_model(1), decay=0.75)
-    ema.load_state_dict(model.state_dict())
+    ema = ModelEma(model, decay=0.75)
     start = model.pos_embed.detach().clone()
     with torch.no_grad():
         model.pos_embed.add_(1.0)
     ema.update(model)
     ema.update(model)
     # e1 = .75 s + .25 (s+1); e2 = .75 e1 + .25 (s+1) = s + 1 - .75^2
-    torch.testing.assert_close(ema.module.pos_embed, start + 1 - 0.75**2)
-    assert not ema.module.pos_embed.requires_grad
+    averaged = ema.state_dict()
+    torch.testing.assert_close(averaged["pos_embed"], start + 1 - 0.75**2)
+    assert averaged.keys() == model.state_dict().keys() and not averaged["pos_embed"].requires_grad
+    # Swapped in for an evaluation, then the live weights again; a resumed average is the same average.
+    live = model.pos_embed.detach().clone()
+    with ema.swapped_into(model):
+        torch.testing.assert_close(model.pos_embed.detach(), averaged["pos_embed"])
+    assert torch.equal(model.pos_embed.detach(), live)
+    other = ModelEma(_model(1), decay=0.75)
+    other.load_state_dict(averaged)
+    torch.testing.assert_close(other.state_dict()["pos_embed"], averaged["pos_embed"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="shape"):
+        ModelEma(_model(2), decay=0.5).load_state_dict({**_model(2).state_dict(), "pos_embed": torch.zeros(1)})
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path) -> None:
@@ -108,13 +118,18 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path) -> None:
     from eva02.engine.tasks import ClassificationTask
     from eva02.engine.train import Trainer, TrainingError
 
-    class Exploding(ClassificationTask):
-        calls = 0
+    class ExplodingLoss(torch.nn.Module):  # the loss of the 4th step and later is NaN
+        def __init__(self, loss: torch.nn.Module) -> None:
+            super().__init__()
+            self.loss, self.calls = loss, 0
 
-        def forward_loss(self, model, batch):
-            loss, m = super().forward_loss(model, batch)
-            Exploding.calls += 1
-            return (loss * float("nan") if Exploding.calls > 3 else loss), m
+        def forward(self, model, batch):
+            self.calls += 1
+            return self.loss(model, batch) * (float("nan") if self.calls > 3 else 1.0)
+
+    class Exploding(ClassificationTask):
+        def build_loss(self, cfg):
+            return ExplodingLoss(super().build_loss(cfg))
 
     root = write_digits(tmp_path / "d", limit=120)
     (tmp_path / "c.py").write_text(config_text(root, epochs=2, batch=8, global_batch=8, every_steps=2))

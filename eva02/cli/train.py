@@ -158,7 +158,7 @@ def run_test(args) -> int:
 
     from eva02.engine.dist import init_distributed
     from eva02.engine.evaluate import format_table
-    from eva02.engine.evaluate import run_test as evaluate
+    from eva02.engine.testing import run_test as evaluate
 
     cfg, _, _ = _resolve(args)
     if not Path(args.checkpoint).is_file():

@@ -1,9 +1,10 @@
 """Training checkpoints: full (unsharded) state written atomically by rank 0, resumable on any world size.
 
 Layout under `{work_dir}/checkpoints/`: `step_XXXXXXXX.pt` (periodic, the oldest pruned beyond
-`keep_last`), `last.pt` (the newest) and `best.pt` (best validation top-1). A file is a dict with the
-marker `format: 'eva02-train'`, the config, model / optimizer (keyed by parameter name, so DDP, FSDP2
-and one process read each other's files), schedule, EMA, loss scaler, RNG states, epoch and step.
+`keep_last`), `last.pt` (the newest) and `best.pt` (the best validation score by the task's
+`best_metric`). A file is a dict with the marker `format: 'eva02-train'`, the config, model / optimizer
+(keyed by parameter name, so DDP, FSDP2 and one process read each other's files), schedule, EMA, loss
+scaler, RNG states, epoch and step.
 """
 
 from __future__ import annotations
@@ -93,7 +94,13 @@ def _as_tuple(x: Any) -> Any:
 
 def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Full model and optimizer state dicts on CPU (collective under FSDP2: call on every rank)."""
-    return get_model_state_dict(model, options=_FULL), get_optimizer_state_dict(model, optimizer, options=_FULL)
+    return gather_model_state(model), get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def gather_model_state(model: nn.Module) -> dict:
+    """The full model state dict on CPU by canonical name (collective under FSDP2, where only rank 0
+    receives it)."""
+    return get_model_state_dict(model, options=_FULL)
 
 
 def restore_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ckpt: dict) -> None:

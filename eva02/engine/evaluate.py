@@ -1,4 +1,4 @@
-"""Classification evaluation: top-1 / top-5 / per-class accuracy, summed over processes.
+"""Classification evaluation: top-1 / top-5 / per-class accuracy, summed over processes, and its table.
 
 Each rank evaluates its share (`EvalSampler`, padded to equal length so that FSDP collectives line up);
 padding keys (>= dataset size) and images that failed to load are left out of the counts.
@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from eva02 import hints
 from eva02.engine.dist import all_reduce_sum
 
 
@@ -92,52 +90,3 @@ def format_table(metrics: dict[str, Any], classes: list[str] | None = None, per_
             name = classes[i] if classes and i < len(classes) else str(i)
             lines.append(f"| {name} | {'n/a' if acc is None else f'{acc:.2f}'} |")
     return "\n".join(lines)
-
-
-def load_weights(cfg, checkpoint: str, use_ema: bool | None = None) -> nn.Module:
-    """The run's model with weights from a training checkpoint (ours) or any format the weights code reads."""
-    from eva02.engine import checkpoint as ckpt
-    from eva02.engine.tasks import build_eva02
-
-    model = build_eva02(cfg, load_init=False)
-    if ckpt.is_training_checkpoint(checkpoint):
-        state = ckpt.load(checkpoint)
-        if use_ema and state.get("ema") is None:
-            raise ValueError(f"{checkpoint} has no EMA weights (ema.enabled was off); drop --use-ema")
-        from eva02.weights.load import check_finite
-
-        weights = state["ema"] if use_ema else state["model"]
-        check_finite(weights, checkpoint)  # NaN/Inf weights would print a meaningless top-1
-        model.load_state_dict(weights, strict=True)
-    else:
-        from eva02.weights.load import load_checkpoint
-
-        load_checkpoint(model, checkpoint, use_ema=use_ema)
-    return model
-
-
-def run_test(
-    cfg, checkpoint: str, use_ema: bool | None = None, amp: torch.dtype | None = None, batch_size: int = 0
-) -> tuple[dict[str, Any], list[str]]:
-    """Evaluate a checkpoint on the config's validation split (torchrun-aware); returns (metrics, classes)."""
-    from torch.utils.data import DataLoader
-
-    from eva02.data.datasets import EvalSampler, PaddedDataset
-    from eva02.engine.dist import init_distributed
-    from eva02.engine.tasks import ClassificationTask
-
-    if not cfg.data.val_split:
-        raise ValueError("data.val_split is empty: nothing to evaluate; set --cfg-options data.val_split=val")
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
-    info = init_distributed()
-    with hints.using(hints.CONFIG):  # loading errors name config fields (model.num_classes=N, ...)
-        model = load_weights(cfg, checkpoint, use_ema).to(info.device)
-    task = ClassificationTask()
-    val = task.build_val_dataset(cfg)
-    sampler = EvalSampler(len(val), info.rank, info.world_size)
-    bs = batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
-    loader = DataLoader(
-        PaddedDataset(val), batch_size=bs, sampler=sampler, num_workers=cfg.data.workers, collate_fn=task.collate
-    )
-    return evaluate_classifier(model, loader, info.device, cfg.model.num_classes, amp, len(val)), val.classes

@@ -4,10 +4,12 @@ checkpointing, then torch.compile. The model code itself never knows it is distr
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from eva02.engine.dist import DistInfo
@@ -15,8 +17,6 @@ from eva02.engine.dist import DistInfo
 
 def apply_fsdp(model: nn.Module, mp_dtype: torch.dtype | None = None) -> nn.Module:
     """FSDP2: shard each block, then the root (embeddings, norms, head); parameters become DTensors."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     # Our blocks return their residual sum computed in place in a fresh branch output, which FSDP2 flags
     # as a possible view hazard; no caller modifies a block output in place, and the 1-vs-2-process
     # FSDP2 test shows identical losses, so the warning is noise here.
@@ -66,7 +66,37 @@ def parallelize(
     return model
 
 
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 module of `model` back on its sharded parameters. A forward pass leaves the modules
+    that do not reshard after forward (the root, the last block) gathered until a backward pass; weights
+    changed in place on the shards (EMA swaps) are seen only after this."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The underlying model without DDP or torch.compile wrappers."""
     model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def no_grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on accumulation micro-steps (`sync` False): DDP's `no_sync`, FSDP2's
+    `set_requires_gradient_sync`; a plain block for the step's last micro-batch or a single process."""
+    if sync:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)

@@ -1,10 +1,12 @@
 """Run metrics: JSON lines in the work dir (`metrics.jsonl`), TensorBoard when installed, and the
-console (a tqdm progress bar with loss, lr, img/s and ETA). Only rank 0 writes.
+console (`Progress`: a tqdm progress bar with loss, lr, img/s and ETA, or plain lines in a log file).
+Only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -67,8 +69,6 @@ class RunLog:
 
     def warn(self, msg: str) -> None:
         """A warning from any rank (e.g. the unreadable images it met), on stderr."""
-        import sys
-
         from tqdm import tqdm
 
         tqdm.write(f"warning: {msg}", file=sys.stderr)
@@ -76,6 +76,59 @@ class RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class Progress:
+    """What the loop reports after each optimizer step: a 'train' record every `log_every` steps (and at
+    the first), and on rank 0 a live progress bar per epoch on a terminal or, in a log file, a plain line
+    at each record instead of redraws. Used as a context manager: the bar is closed (its line ended)
+    before an error message is printed."""
+
+    def __init__(self, log: RunLog, epochs: int, steps_per_epoch: int, total_steps: int, log_every: int) -> None:
+        self.log, self.live = log, log.enabled and sys.stderr.isatty()
+        self.epochs, self.steps_per_epoch, self.total_steps, self.log_every = (
+            epochs,
+            steps_per_epoch,
+            total_steps,
+            log_every,
+        )
+        self.bar = None
+        self.t_start, self.done = time.time(), 0
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def step(self, epoch: int, step_in_epoch: int, global_step: int, loss: float, lr: float, img_s: float) -> None:
+        """Report the step that brought the run to `global_step` (`step_in_epoch` of epoch `epoch`, 0-based)."""
+        self.done += 1
+        eta = format_eta((time.time() - self.t_start) / self.done * (self.total_steps - global_step))
+        record = global_step % self.log_every == 0 or global_step == 1
+        if record:
+            self.log.write("train", global_step, epoch=epoch, loss=loss, lr=lr, img_s=img_s)
+        if self.live:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.steps_per_epoch, initial=step_in_epoch - 1, dynamic_ncols=True,
+                                desc=f"epoch {epoch + 1}/{self.epochs}")  # fmt: skip
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}", eta=eta)
+            if step_in_epoch == self.steps_per_epoch:
+                self.close()
+        elif record:
+            self.log.info(
+                f"epoch {epoch + 1}/{self.epochs} step {step_in_epoch}/{self.steps_per_epoch} (global {global_step}/"
+                f"{self.total_steps}): loss {loss:.4f} lr {lr:.2e} {img_s:.0f} img/s eta {eta}"
+            )
+
+    def close(self) -> None:
+        """End the bar's line (if a bar is shown)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def read_metrics(work_dir: str | Path) -> list[dict[str, Any]]:
