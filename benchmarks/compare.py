@@ -1,6 +1,6 @@
 """Side-by-side speed and memory of eva02, timm and mmpretrain; writes JSON results and a PNG plot.
 
-Every size is measured in one process with interleaved rounds (see eva02/bench.py). Defaults are the
+Every size is measured in one process with interleaved rounds (see eva02_bench/, beside this script). Defaults are the
 published CPU run of BENCHMARKS.md:
 
     python benchmarks/compare.py --threads 2 --rounds 7
@@ -22,10 +22,10 @@ import os
 import sys
 from pathlib import Path
 
+import eva02_bench as bench
 import torch
 
-from eva02 import bench
-from eva02.cli.bench import format_table, write_json
+from eva02.cli.bench import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SIZES = ("tiny-336", "small-336", "base-448", "large-448")
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     m = report["machine"]
     print(f"{m.get('gpu') or m['cpu']}, {m['threads']} threads, torch {m['torch']}, {report['settings']['dtype']}")
     print(f"matmul peak: {report['matmul_gflop_s']:.1f} GFLOP/s")
-    print(format_table(report))
+    print(bench.format_table(report))
     print(f"written: {out / (args.tag + '.json')}, {out / (args.tag + '_img_s.png')}")
     return 0
 

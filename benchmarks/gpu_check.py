@@ -232,8 +232,8 @@ def profile_small_compiled():
 @section("small_floor")
 def floor_small():
     """small-336 bf16: the unavoidable kernels (GEMMs, flash attention, conv) of ours and timm replayed
-    alone and summed (eva02.bench.bench_floor); compare with the compiled img/s of small_compiled_profile."""
-    from eva02 import bench
+    alone and summed (eva02_bench.bench_floor); compare with the compiled img/s of small_compiled_profile."""
+    import eva02_bench as bench
 
     size = bench.SIZES["test-56" if DRY else "small-336"]
     res = bench.bench_floor(size, ("ours", "timm"), rounds=10, batch=batch(32), device=DEV, dtype="bf16")

@@ -2,7 +2,7 @@
 
 Ours is exported with `eva02.export.export_model` (what `eva02 export --format onnx` writes); timm's
 model with `torch.onnx.export(dynamo=True)` at the same opset. Both run on onnxruntime's CPU provider
-with the same thread count, timed in interleaved rounds (`eva02.bench.time_interleaved`), medians reported.
+with the same thread count, timed in interleaved rounds (`eva02_bench.time_interleaved`), medians reported.
 
     python benchmarks/onnx_compare.py --sizes tiny-336 base-448 --threads 2 --rounds 9
 """
@@ -19,8 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eva02 import bench
 from eva02.export import OPSET, export_model
+
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:  # loaded by its path rather than run: the harness package sits beside this file
+    sys.path.insert(0, HERE)
+import eva02_bench as bench  # noqa: E402
 
 
 def sessions(size: str, threads: int, folder: Path):
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     import onnxruntime
 
-    print(f"onnxruntime {onnxruntime.__version__}, opset {OPSET}, {a.threads} threads, {bench._cpu_model()}")
+    print(f"onnxruntime {onnxruntime.__version__}, opset {OPSET}, {a.threads} threads, {bench.cpu_model()}")
     print("| size | batch | ours img/s | timm img/s | ours x timm | max abs diff |")
     print("|---|---|---|---|---|---|")
     for size in a.sizes:

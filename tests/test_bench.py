@@ -1,22 +1,75 @@
-"""Functional checks of the benchmark harness on the tiny 'test' size (never speed assertions)."""
+"""Functional checks of the benchmark harness (`benchmarks/eva02_bench`) on the tiny 'test' size (never speed
+assertions), of the `eva02 bench` front to it, and that the installed package never imports timm or mmpretrain."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from eva02 import bench
+import eva02.cli.bench as cli_bench
 from eva02.cli import main
 from eva02.model.vit import Eva02
 
+bench = cli_bench.load_harness()  # benchmarks/eva02_bench of this checkout, as `eva02 bench` finds it
+
+ROOT = Path(__file__).resolve().parents[1]
 HAVE_TIMM = importlib.util.find_spec("timm") is not None
 needs_timm = pytest.mark.skipif(not HAVE_TIMM, reason="timm is the benchmark's reference")
+PEERS = ("timm", "mmpretrain", "mmengine")
 
 
+# ------------------------------------------------------------------------ the package stays free of its peers
+def test_importing_the_package_loads_no_peer_library():
+    code = (
+        "import sys, eva02, eva02.cli, eva02.inference, eva02.export, eva02.engine.train\n"
+        "from eva02.cli import build_parser\n"
+        "build_parser()  # every command module, bench included\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in {'timm', 'mmpretrain', 'mmengine', "
+        "'eva02_bench'})))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [], f"imported by the package: {r.stdout.strip()}"
+
+
+def test_no_file_of_the_package_imports_a_peer_library():
+    pattern = re.compile(
+        rf"^\s*(import|from)\s+({'|'.join(PEERS)})\b"  # import timm / from timm.models import ...
+        rf"|(import_module|__import__|need)\(\s*['\"]({'|'.join(PEERS)})\b",  # by name, at run time
+        re.M,
+    )
+    files = sorted((ROOT / "eva02").rglob("*.py"))
+    assert len(files) > 20  # the package really was walked
+    found = [f"{p.relative_to(ROOT)}: {m.group(0).strip()}" for p in files for m in pattern.finditer(p.read_text())]
+    assert found == []
+    assert pattern.search("    from timm.models.eva import Eva") and pattern.search('need("mmpretrain", "x", "y")')
+    assert not pattern.search("# timm's key layout") and not pattern.search("import timmy")
+
+
+def test_the_harness_lives_outside_the_package():
+    assert not (ROOT / "eva02" / "bench.py").exists()
+    assert Path(bench.__file__).resolve().parent == ROOT / "benchmarks" / "eva02_bench"
+    assert importlib.util.find_spec("eva02.bench") is None
+
+
+def test_cli_bench_outside_a_checkout_is_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli_bench, "HARNESS_DIR", tmp_path / "benchmarks")  # an installed wheel has none
+    out = tmp_path / "r.json"
+    assert main(["bench", "--models", "test-56", "--impls", "ours", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("eva02 bench: error: ") and "python benchmarks/compare.py" in err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- the harness
 def test_time_interleaved_rotates_order_and_counts_rounds():
     calls = []
     fns = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
@@ -136,6 +189,7 @@ def test_cli_bench_rejects_bad_arguments(capsys):
     assert "--device cuda" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # compiles forward and backward: about a minute on a 2-core CPU
 def test_compiled_rows_for_inference_and_training():
     res = bench.bench_size(bench.SIZES["test-56"], ("ours",), rounds=1, warmup=1, compile=True, train=True)
     for mode in ("infer", "train"):
@@ -160,9 +214,9 @@ def test_kernel_recorder_sees_every_matmul_attention_and_conv(train):
         opt = torch.optim.AdamW(model.train().parameters())
 
         def fn():
-            bench._train_step(model, opt, x, y, None)
+            bench.train_step(model, opt, x, y, None)
     else:
-        fn = bench._infer_fn(model.eval(), x)
+        fn = bench.infer_fn(model.eval(), x)
     fn()
     rec = bench.KernelRecorder()
     with rec:

@@ -218,18 +218,22 @@ def test_unknown_name_in_every_model_command(capsys, tmp_path) -> None:
     assert not [p.name for p in tmp_path.iterdir() if p.name != "x.png"]
 
 
-def test_bench_takes_zoo_names(monkeypatch) -> None:
-    from eva02 import bench
-    from eva02.cli.bench import SIZE_NAMES, size_names
+def test_bench_takes_zoo_names() -> None:
+    from types import SimpleNamespace
 
+    from eva02.cli.bench import SIZE_NAMES, add_sizes, load_harness, size_names
+
+    bench = load_harness()
     assert SIZE_NAMES.split() == list(bench.SIZES)  # the help's list is the real one
-    monkeypatch.setattr(bench, "SIZES", dict(bench.SIZES))
     assert size_names([TINY, "base-448", "eva02-base-p14_in21k-pre_in21k-medft_3rdparty_in1k"]) == [
         "tiny-336",
         "base-448",
     ]
     assert size_names(["eva02_small_patch14_224.mim_in22k"]) == ["small-224"]  # a headless model, at 224
-    assert bench.SIZES["small-224"] == bench.BenchSize("small", 224, bench.SIZES["small-336"].batch)
+    harness = SimpleNamespace(SIZES=dict(bench.SIZES), BenchSize=bench.BenchSize)  # the real table stays as it is
+    add_sizes(["small-224", "tiny-336"], harness)
+    assert harness.SIZES["small-224"] == bench.BenchSize("small", 224, bench.SIZES["small-336"].batch)
+    assert harness.SIZES["tiny-336"] is bench.SIZES["tiny-336"] and len(harness.SIZES) == len(bench.SIZES) + 1
     with pytest.raises(CliError, match="patch-14 models only .*time eva02-base-p14_in21k-pre_3rdparty_in21k instead"):
         size_names(["eva02-base-p16_in21k-pre_3rdparty_in21k"])
     with pytest.raises(CliError, match="unknown size 'huge-999' in --model; choose from test-56"):

@@ -1,29 +1,37 @@
 """`eva02 bench`: our models against timm's (and mmpretrain's) on this machine, side by side in one run.
 
-`-m/--model` takes benchmark sizes (`tiny-336`) or zoo names, which are timed as their size at their
-input size (random weights either way). The `-o/--out` report path is checked before anything is timed
-(never an existing file without `--force`).
+A thin front to the harness in `benchmarks/eva02_bench` of a source checkout: the harness builds the
+peers' models, so it stays out of the installed package, and the command says so in one line where
+there is no checkout beside the package. `-m/--model` takes benchmark sizes (`tiny-336`) or zoo names,
+which are timed as their size at their input size (random weights either way). The `-o/--out` report
+path is checked before anything is timed (never an existing file without `--force`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from eva02.cli import CliError
 from eva02.cli.options import HIDDEN, add_batch_size, add_dtype, add_out, positive_int, suggestions
+from eva02.extras import MissingExtra, install_hint
 from eva02.fileio import atomic_write_text, check_output
 
-SIZE_NAMES = "test-56 tiny-336 small-336 base-448 large-448"  # eva02.bench.SIZES, without importing torch
+SIZE_NAMES = "test-56 tiny-336 small-336 base-448 large-448"  # the harness's SIZES, without importing it
+# benchmarks/ of the checkout this package was imported from (absent from an installed wheel)
+HARNESS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="inference / training-step img/s and memory against timm",
-        description="Time our Eva02 and timm's Eva (same architecture, random weights) in interleaved rounds.",
+        description="Time our Eva02 and timm's Eva (same architecture, random weights) in interleaved rounds, "
+        "with the harness of benchmarks/ (a source checkout).",
         epilog="example: eva02 bench -m eva02-tiny-p14_in21k-pre_3rdparty_in1k base-448 --train -o bench.json",
     )
     p.add_argument(
@@ -61,14 +69,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def size_names(models: list[str]) -> list[str]:
     """Benchmark size names for -m/--model: sizes as given, zoo names as their variant at their input size
-    (a size not in `eva02.bench.SIZES` is added there, with the batch of its variant's own size)."""
-    from eva02 import bench
+    (`small-224`; `add_sizes` gives the harness a size it does not list)."""
     from eva02.model.config import VARIANTS
     from eva02.weights.zoo import ZOO, resolve
 
+    sizes = SIZE_NAMES.split()
     out = []
     for name in models:
-        if name in bench.SIZES:
+        if name in sizes:
             out.append(name)
             continue
         try:
@@ -76,7 +84,7 @@ def size_names(models: list[str]) -> list[str]:
         except ValueError:
             close, _ = suggestions(name)
             hint = f", or a zoo name such as {close[0]}" if close else ", or a zoo name (`eva02 list`)"
-            raise CliError(f"unknown size '{name}' in --model; choose from {', '.join(bench.SIZES)}{hint}") from None
+            raise CliError(f"unknown size '{name}' in --model; choose from {', '.join(sizes)}{hint}") from None
         if cfg.patch_size != 14:
             p14 = cfg.replace(patch_size=14)
             twin = next((n for n, e in ZOO.items() if e.cfg == p14), None)
@@ -85,17 +93,41 @@ def size_names(models: list[str]) -> list[str]:
                 + (f"; time {twin} instead" if twin else "")
             )
         variant = next(v for v, c in VARIANTS.items() if c.replace(img_size=cfg.img_size) == cfg.replace(num_classes=0))
-        size = f"{variant}-{cfg.img_size}"
-        if size not in bench.SIZES:
-            batch = next(s.batch for s in bench.SIZES.values() if s.variant == variant)
-            bench.SIZES[size] = bench.BenchSize(variant, cfg.img_size, batch)
-        out.append(size)
+        out.append(f"{variant}-{cfg.img_size}")
     return list(dict.fromkeys(out))  # each size once
 
 
-def run(args: argparse.Namespace) -> int:
-    from eva02 import bench
+def add_sizes(names: list[str], harness: ModuleType) -> None:
+    """Add the sizes of `names` the harness does not list (`small-224`), with the batch of the variant's own size."""
+    for name in names:
+        if name not in harness.SIZES:
+            variant, img_size = name.rsplit("-", 1)
+            batch = next(s.batch for s in harness.SIZES.values() if s.variant == variant)
+            harness.SIZES[name] = harness.BenchSize(variant, int(img_size), batch)
 
+
+def check_harness() -> Path:
+    """The folder holding the harness package; a one-line error outside a source checkout."""
+    if not (HARNESS_DIR / "eva02_bench" / "__init__.py").is_file():
+        raise CliError(
+            "it runs from a source checkout only (its harness, benchmarks/eva02_bench, builds timm's models and "
+            "is not installed): clone the repository, `pip install -e '.[bench]'` and run `python "
+            "benchmarks/compare.py` (or `eva02 bench`) there"
+        )
+    return HARNESS_DIR
+
+
+def load_harness() -> ModuleType:
+    """Import the harness (`benchmarks/eva02_bench`) from the checkout beside this package."""
+    where = str(check_harness())
+    if where not in sys.path:
+        sys.path.append(where)  # last: its scripts' names never shadow an installed module
+    import eva02_bench
+
+    return eva02_bench
+
+
+def run(args: argparse.Namespace) -> int:
     for dest, flag in (("rounds", "--rounds"), ("threads", "--threads")):
         value = getattr(args, dest)
         if value is not None and value < 1:
@@ -110,14 +142,16 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"--device {args.device}: no CUDA device is visible here; use --device cpu")
     elif args.dtype == "fp16":
         raise CliError("--dtype fp16 needs --device cuda; on CPU use --dtype fp32 or bf16")
-    if "timm" in args.impls:
-        from eva02.extras import need
-
-        need("timm", "bench", "eva02 bench (it times timm's implementation beside ours; --impls ours skips it)")
+    check_harness()
+    if "timm" in args.impls and importlib.util.find_spec("timm") is None:  # looked for, not imported: the harness does
+        what = "eva02 bench (it times timm's implementation beside ours; --impls ours skips it)"
+        raise MissingExtra(f"{what} needs timm: {install_hint('bench')}", name="timm")
     if args.floor and "timm" not in args.impls:
         raise CliError("--floor states its ceiling against timm: keep timm in --impls")
     if args.out:
         check_output(args.out, force=args.force, flag="--out")
+    bench = load_harness()
+    add_sizes(models, bench)
     extra = [args.mmp_site] if args.mmp_site else []
     try:
         report = bench.run_benchmark(
@@ -130,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     m = report["machine"]
     print(f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, device {m['device']}, {args.dtype}")
     print(f"matmul peak: {report['matmul_gflop_s']:.1f} GFLOP/s")
-    print(format_table(report))
+    print(bench.format_table(report))
     if args.out:
         write_json(report, Path(args.out))
         print(f"report written to {args.out}")
@@ -141,66 +175,3 @@ def write_json(obj: dict, path: Path) -> None:
     """Write JSON atomically (`eva02.fileio.atomic_write_text`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(obj, indent=1))
-
-
-def _ratio(e: dict) -> str:
-    return f"{e['x_timm']:.2f} / {e['x_timm_best']:.2f}" if "x_timm" in e else ""
-
-
-def format_table(report: dict) -> str:
-    """Markdown table of a report from `run_benchmark` (one row per size and implementation)."""
-    head = (
-        "| size | batch | impl | infer img/s | latency ms | x timm (median / best) | % matmul peak "
-        "| train img/s | x timm (median / best) |"
-    )
-    lines = [head, "|" + "---|" * 9]
-    for name, res in report["results"].items():
-        train = res.get("train", {})
-        for impl, e in res["infer"].items():
-            if "img_s" not in e:
-                lines.append(f"| {name} | {res['batch']} | {impl} | error: {e.get('error', '?')} | | | | | |")
-                continue
-            t = train.get(impl) if "img_s" in train.get(impl, {}) else None
-            cells = [
-                name,
-                str(res["batch"]),
-                impl,
-                f"{e['img_s']:.2f}",
-                f"{e['latency_ms']:.0f}",
-                _ratio(e),
-                f"{100 * e['peak_fraction']:.0f}%",
-                f"{t['img_s']:.2f}" if t else "",
-                _ratio(t) if t else "",
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-    mem_rows = [(name, impl, e) for name, res in report["results"].items() for impl, e in res.get("memory", {}).items()]
-    if mem_rows:
-        lines += [
-            "",
-            "| size | impl | train step peak MiB | activations MiB | x timm (peak) |",
-            "|---|---|---|---|---|",
-        ]
-        for name, impl, e in mem_rows:
-            if "peak_mib" not in e:
-                lines.append(f"| {name} | {impl} | error: {e.get('error', '?')} | | |")
-                continue
-            act = f"{e['activations_mib']:.0f}" if "activations_mib" in e else ""
-            ratio = f"{e['x_timm_peak']:.2f}" if "x_timm_peak" in e else ""
-            lines.append(f"| {name} | {impl} | {e['peak_mib']:.0f} | {act} | {ratio} |")
-    floor_rows = [(name, f) for name, res in report["results"].items() for f in res.get("floor", {}).values()]
-    if floor_rows:
-        lines += [
-            "",
-            "| size | pass | impl | measured ms | kernel floor ms | GEMM / attention / conv ms | in kernels "
-            "| x timm | ceiling x timm |",
-            "|" + "---|" * 9,
-        ]
-        for name, f in floor_rows:
-            for impl in f["impls"]:
-                e = f[impl]
-                parts = f"{e['gemm_ms']:.0f} / {e['attention_ms']:.0f} / {e['conv_ms']:.0f}"
-                share, x, ceiling = f"{100 * e['floor_share']:.0f}%", f"{e['x_timm']:.2f}", f"{e['ceiling_x_timm']:.2f}"
-                measured, floor = f"{e['measured_ms']:.0f}", f"{e['floor_ms']:.0f}"
-                cells = [name, f["mode"], impl, measured, floor, parts, share, x, ceiling]
-                lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
