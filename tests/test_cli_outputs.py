@@ -141,9 +141,9 @@ def test_existing_outputs_need_force(files, capsys, tmp_path, monkeypatch):
     rc, _, err = run_cli(capsys, "features", imgs, "--checkpoint", ckpt, "--out", tmp_path / "g.npy")
     assert rc == 2 and "g.npy.txt already exists" in err and not (tmp_path / "g.npy").exists()
     # bench: the report path is refused before anything is timed
-    from eva02 import bench
+    import eva02.cli.bench as cli_bench
 
-    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: pytest.fail("the benchmark ran"))
+    monkeypatch.setattr(cli_bench, "load_harness", lambda: pytest.fail("the benchmark ran"))
     (tmp_path / "r.json").write_text("{}")
     rc, _, err = run_cli(capsys, "bench", "--models", "test-56", "--json", tmp_path / "r.json")
     assert rc == 2
@@ -204,9 +204,9 @@ def test_output_below_a_file_is_one_line_before_work(files, capsys, tmp_path, mo
     root, imgs = files
     blocker = tmp_path / "photo.jpg"
     blocker.write_bytes(b"not a folder")
-    from eva02 import bench
+    import eva02.cli.bench as cli_bench
 
-    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: pytest.fail("the benchmark ran"))
+    monkeypatch.setattr(cli_bench, "load_harness", lambda: pytest.fail("the benchmark ran"))
     if command == "plot":
         pytest.importorskip("matplotlib")
         work = tmp_path / "run"
