@@ -6,12 +6,13 @@ Routes (JSON in and out, errors as `{"detail": "one line"}`):
   POST /v1/zero-shot, /v1/embed-text, /v1/explain   reserved for CLIP and explanations: 501 for now
   GET  /v1/model             what is served; GET /healthz, /readyz, /metrics
   GET  /                     reserved for the browser page
-An image is the whole request body (raw bytes, any content type but a form) or the first file of a
-multipart form. A request is admitted only while fewer than `max_queue` are held (reading, decoding,
-waiting or in the model): else 503 with Retry-After, before its body is read. Bodies over
-`max_upload_bytes` get 413 as soon as they pass the limit; images that cannot be read get 400 with
-the loader's reason; a request not answered within `timeout_s` gets 504 (408 if its body had not
-arrived by then). Images are decoded in a thread pool, the model runs in the batcher's own thread.
+An image is the whole request body (raw bytes, whatever the content type says: curl --data-binary
+calls it a urlencoded form) or the first file of a multipart form; a JSON body gets 415. A request
+is admitted only while fewer than `max_queue` are held (reading, decoding, waiting or in the model):
+else 503 with Retry-After, before its body is read. Bodies over `max_upload_bytes` get 413 as soon
+as they pass the limit; images that cannot be read get 400 with the loader's reason; a request not
+answered within `timeout_s` gets 504 (408 if its body had not arrived by then). Images are decoded
+in a thread pool, the model runs in the batcher's own thread.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class ServeSettings:
                 raise ValueError(f"{name} must be 1 or more, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.timeout_s <= 0:
             raise ValueError(f"max_wait_ms must be >= 0 and timeout_s > 0, got {self.max_wait_ms}, {self.timeout_s}")
+
+
+SEND_IMAGE = "send the image as a multipart file field (curl -F file=@x.jpg) or as the raw body (--data-binary @x.jpg)"
+# Bodies that cannot be an image. (A urlencoded type is taken as raw bytes: curl --data-binary sends that.)
+NOT_IMAGES = ("application/json",)
 
 
 class UploadTooLarge(Exception):
@@ -175,9 +181,12 @@ async def read_image(request: Request, limit: int) -> tuple[bytes, str]:
             raise UploadTooLarge
         return message
 
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in NOT_IMAGES:
+        raise HTTPException(415, f"a body of type {content_type} is not an image: {SEND_IMAGE}")
     limited = Request(request.scope, receive_within_limit)
     try:
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if content_type == "multipart/form-data":
             return await _first_file(limited)
         return b"".join([chunk async for chunk in limited.stream()]), "request body"
     except UploadTooLarge:
@@ -194,7 +203,7 @@ async def _first_file(request: Request) -> tuple[bytes, str]:
                 return await value.read(), value.filename or "upload"
     finally:
         await form.close()
-    raise HTTPException(400, "the multipart form has no file: send the image as a file field, e.g. curl -F file=@x.jpg")
+    raise HTTPException(400, f"the multipart form has no file: {SEND_IMAGE}")
 
 
 # ------------------------------------------------------------------------------------------- app

@@ -6,8 +6,8 @@ call of `run_batch(kind, payloads)` for the whole batch. That call runs in a thr
 model thread), so the event loop keeps reading and decoding requests while the model works, and the
 next batch forms meanwhile: under load, batches fill from the backlog without waiting at all.
 
-Items whose caller gave up (a timed-out request cancels its future) are dropped before a batch is
-formed, and a result that arrives for one is thrown away. The queue itself is not bounded here: the
+An item whose caller gives up (a timed-out request cancels its future) leaves the queue at once, and a
+result that arrives for one already in the model is thrown away. The queue itself is not bounded here: the
 server admits a bounded number of requests (`ServeSettings.max_queue`), which bounds it.
 """
 
@@ -25,7 +25,7 @@ RunBatch = Callable[[str, list[Any]], Sequence[Any]]
 OnBatch = Callable[[str, int, float], None]  # (kind, batch size, seconds of the model call)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: removing one must not compare payloads
 class _Item:
     kind: str
     payload: Any
@@ -73,9 +73,19 @@ class Batcher:
         if self._closing:
             raise Closed("the server is shutting down")
         future = asyncio.get_running_loop().create_future()
-        self._items.append(_Item(kind, payload, future))
+        item = _Item(kind, payload, future)
+        self._items.append(item)
+        future.add_done_callback(lambda f: self._forget(item) if f.cancelled() else None)
         self._wake.set()
         return future
+
+    def _forget(self, item: _Item) -> None:
+        """A caller gave up: its item leaves the queue at once, so timed-out requests hold no memory
+        while the model is busy (and are never computed)."""
+        try:
+            self._items.remove(item)
+        except ValueError:  # already taken into a batch
+            pass
 
     async def close(self) -> None:
         """Take no new items, finish every queued one, then stop the worker and the model thread."""
@@ -97,7 +107,6 @@ class Batcher:
         """The next batch: the oldest item's kind, up to max_batch items, within max_wait_s of taking
         the first. None once closing and nothing is left."""
         while True:
-            self._drop_cancelled()
             if self._items:
                 break
             if self._closing:
@@ -134,10 +143,6 @@ class Batcher:
                 kept.append(item)
         self._items = kept
         return taken
-
-    def _drop_cancelled(self) -> None:
-        if any(item.future.cancelled() for item in self._items):
-            self._items = deque(item for item in self._items if not item.future.cancelled())
 
     async def _run(self, batch: list[_Item]) -> None:
         live = [item for item in batch if not item.future.cancelled()]
