@@ -34,7 +34,8 @@ def test_mim_step_with_open_clip_teacher(teacher, tmp_path):
     from PIL import Image
     from skimage import data
 
-    from eva02.engine.config import DataCfg, MimCfg, ModelCfg, OptimCfg, RunConfig, ScheduleCfg, TrainCfg, task_for
+    from eva02.engine.config import DataCfg, MimCfg, ModelCfg, OptimCfg, RunConfig, ScheduleCfg, TrainCfg
+    from eva02.engine.tasks import task_for
     from eva02.engine.train import train
 
     folder = tmp_path / "photos" / "train"
@@ -94,7 +95,7 @@ def test_offline_mim_teacher_fails_fast_with_one_message(tmp_path, monkeypatch, 
 
 def test_cached_open_clip_weights_are_used_without_network(tmp_path, monkeypatch):
 
-    from eva02.engine.tasks_mim import open_clip_weights
+    from eva02.engine.tasks.mim import open_clip_weights
     from eva02.weights.download import cached_path
     from eva02.weights.zoo import WeightSource
 

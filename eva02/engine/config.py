@@ -40,7 +40,6 @@ from eva02.engine.config_check import (  # noqa: F401 (the checking API, re-expo
     section_problems,
     unknown_key,
 )
-from eva02.engine.tasks import task_for  # noqa: F401 (re-exported: the task `train.task` names)
 from eva02.weights.zoo import CLIP_MEAN, CLIP_STD  # the one definition of the CLIP statistics
 
 
