@@ -203,6 +203,7 @@ def _ema_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo processes with FSDP2, like the other FSDP2 runs
 def test_ema_on_fsdp2_shards_matches_the_full_average(tmp_path: Path) -> None:
     """Under FSDP2 the EMA is updated on each rank's shards without communication and gathered only to
     save or evaluate; its values are those of the EMA of the unsharded model."""
