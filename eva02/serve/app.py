@@ -200,7 +200,8 @@ async def _first_file(request: Request) -> tuple[bytes, str]:
     try:
         for value in form.values():
             if isinstance(value, UploadFile):
-                return await value.read(), value.filename or "upload"
+                name = " ".join((value.filename or "").split())[:200]  # one line in messages, bounded
+                return await value.read(), name or "upload"
     finally:
         await form.close()
     raise HTTPException(400, f"the multipart form has no file: {SEND_IMAGE}")

@@ -31,7 +31,7 @@ KINDS = ("classify", "features")
 @contextlib.contextmanager
 def bytes_as_file(data: bytes) -> Iterator[str]:
     """A path whose file holds `data`, for as long as the block runs (in memory where the OS allows)."""
-    if hasattr(os, "memfd_create"):
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
         fd = os.memfd_create("eva02-upload", os.MFD_CLOEXEC)
         try:
             with open(fd, "wb", closefd=False) as f:
