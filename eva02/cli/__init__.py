@@ -38,13 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"eva02 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="CMD")
     for name in MODULES:
-        try:
-            mod = importlib.import_module(f"eva02.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"eva02.cli.{name}":
-                continue  # that command group is not part of this build
-            raise
-        mod.register(sub)
+        importlib.import_module(f"eva02.cli.{name}").register(sub)
     return parser
 
 

@@ -21,7 +21,7 @@ import os
 import re
 import runpy
 import traceback
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -211,12 +211,6 @@ class RunConfig:
 def _section_name(cls: type) -> str:
     names = {tp: name for name, tp in _hints(RunConfig).items()}
     return next(names[c] for c in cls.__mro__ if c in names)
-
-
-def valid_keys(cfg: RunConfig | None = None) -> list[str]:
-    """Every settable dotted key, e.g. 'optim.lr'."""
-    cfg = cfg or RunConfig()
-    return [f"{s.name}.{f.name}" for s in fields(cfg) for f in fields(getattr(cfg, s.name))]
 
 
 def _plain(v: Any) -> Any:

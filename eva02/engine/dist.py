@@ -48,12 +48,6 @@ def init_distributed(device: str | None = None, timeout_s: float = 600) -> DistI
     return DistInfo(rank, world, local, dev)
 
 
-def cleanup() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
