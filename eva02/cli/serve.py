@@ -20,26 +20,23 @@ from eva02.extras import need
 EXAMPLE = "eva02 serve -m eva02-tiny-p14_in21k-pre_3rdparty_in1k; curl -F file=@cat.jpg localhost:8000/v1/classify"
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects a number, got '{text}'") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
+def _float_where(ok, words: str):
+    """An argparse type: a number for which `ok(value)` holds, else an error saying it `words`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects a number, got '{text}'") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{words}, got {text}")
+        return value
+
+    return parse
 
 
-def non_negative_float(text: str) -> float:
-    """argparse type: a number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects a number, got '{text}'") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+positive_float = _float_where(lambda v: v > 0, "must be more than 0")
+non_negative_float = _float_where(lambda v: v >= 0, "must be 0 or more")
 
 
 def port_number(text: str) -> int:
