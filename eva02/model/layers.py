@@ -114,9 +114,9 @@ class Block(nn.Module):
 
 
 def __getattr__(name: str):
-    # Names that lived here before the fast forms moved to fast.py.
-    if name in ("traced", "complex_graph", "Workspace"):
+    # `traced` lived here before the fast forms moved to fast.py; older callers still look it up here.
+    if name == "traced":
         from eva02.model import fast
 
-        return getattr(fast, name)
+        return fast.traced
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
