@@ -178,9 +178,9 @@ def _residual_out_of_place(model) -> None:
     """Give every block the plain `x = x + branch(x)` form (no in-place residual add), for an A/B."""
     for blk in model.blocks:
 
-        def forward(x, rope, ws=None, blk=blk):
-            x = x + blk.attn(blk.norm1(x), rope, ws)
-            return x + blk.mlp(blk.norm2(x), ws)
+        def forward(x, rope, path=None, blk=blk):  # the reference block's maths, whatever form was chosen
+            x = x + blk.attn(blk.norm1(x), rope)
+            return x + blk.mlp(blk.norm2(x))
 
         blk.forward = forward
 
