@@ -11,6 +11,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 
+MLPS = ("swiglu", "gelu")
+POOLS = ("avg", "token")
+
+
 @dataclass(frozen=True)
 class Eva02Config:
     """Everything needed to build an `Eva02` module; no weights, no I/O."""
@@ -32,12 +36,18 @@ class Eva02Config:
     # Gradient through the patch embedding is scaled by this factor (1: normal, 0: detached as in the
     # official fine-tuning, 0.1 in the official pre-training).
     patch_grad_scale: float = 1.0
+    # Options of the EVA-02-CLIP image towers (timm `eva02_*_clip_*`, BAAI EVA-CLIP `eva_vit_model.py`).
+    attn_norm: bool = False  # LayerNorm on the attention output, before its projection (CLIP B/L)
+    mlp: str = "swiglu"  # "swiglu" (EVA-02) or "gelu": fc1 -> GELU -> fc2 (CLIP E)
+    post_norm: bool = False  # norms on the branch outputs: x + norm1(attn(x)) (CLIP E)
+    rope: bool = True  # 2-D RoPE on q and k (False: CLIP E, which has only the absolute embedding)
+    pool: str = "avg"  # "avg": mean of patch tokens then fc_norm; "token": class token after the final norm
 
     def __post_init__(self) -> None:
         problems = []
         if self.dim % self.heads:
             problems.append(f"dim={self.dim} is not divisible by heads={self.heads}")
-        elif (self.dim // self.heads) % 4:
+        elif self.rope and (self.dim // self.heads) % 4:
             problems.append(f"head width {self.dim // self.heads} must be divisible by 4 for 2-D RoPE")
         if self.img_size % self.patch_size:
             problems.append(f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}")
@@ -50,12 +60,23 @@ class Eva02Config:
             problems.append(f"drop_path must be in [0, 1), got {self.drop_path}")
         if not 0.0 <= self.patch_grad_scale <= 1.0:
             problems.append(f"patch_grad_scale must be in [0, 1], got {self.patch_grad_scale}")
+        if self.mlp not in MLPS:
+            problems.append(f"mlp must be one of {MLPS}, got {self.mlp!r}")
+        if self.pool not in POOLS:
+            problems.append(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.mlp == "gelu" and self.sub_ln:
+            problems.append("sub_ln applies to the SwiGLU MLP only (mlp='swiglu')")
         if problems:
             raise ValueError("invalid Eva02Config: " + "; ".join(problems))
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
+
+    @property
+    def fast_layout(self) -> bool:
+        """Whether the blocks have the layout the fast forms of `fast.py` implement (pre-LN, SwiGLU, RoPE)."""
+        return self.mlp == "swiglu" and not self.post_norm and self.rope
 
     @property
     def grid(self) -> int:

@@ -218,12 +218,12 @@ def _qkv(attn: Attention, x: torch.Tensor, ws: Workspace | None = None) -> torch
 
 
 def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """SDPA on (B, h, T, hd) q, k, v, heads merged, output projection -> (B, T, D)."""
+    """SDPA on (B, h, T, hd) q, k, v, heads merged, (inner norm), output projection -> (B, T, D)."""
     B, _, T, _ = q.shape
     # SDPA reads strided (B, h, T, hd) views without permuting the heads into a copy, and lays its
     # output out (B, T, h, hd) like q, so the merge of heads below is a view.
     x = F.scaled_dot_product_attention(q, k, v)
-    return attn.proj(x.transpose(1, 2).reshape(B, T, -1))
+    return attn.proj(attn.norm(x.transpose(1, 2).reshape(B, T, -1)))
 
 
 class Inference(BlockPath):
@@ -315,13 +315,25 @@ def use(path: BlockPath | None) -> Iterator[None]:
         _forced.reset(token)
 
 
-def choose(x: torch.Tensor, blocks: nn.ModuleList, reuse_buffers: bool = True) -> BlockPath | None:
-    """The block form for one model call on tokens `x` (B, T, D); None means the reference layers.
+def supported(blk: Block) -> bool:
+    """Whether the forms here implement `blk`'s layout: pre-LN with a SwiGLU MLP (every EVA-02 and the
+    EVA-02-CLIP B/L towers). The CLIP-E layout (post-norm, GELU MLP, no RoPE) runs the reference layers."""
+    return isinstance(blk.mlp, SwiGLU) and not blk.post_norm
+
+
+def choose(
+    x: torch.Tensor, blocks: nn.ModuleList, reuse_buffers: bool = True, rope: bool = True
+) -> BlockPath | None:
+    """The block form for one model call on tokens `x` (B, T, D); None means the reference layers
+    (always for a layout the forms do not implement, see `supported`, even inside `use`).
 
     Args:
         blocks: the blocks that will run (whether any parameter needs a gradient; the workspace size).
         reuse_buffers: allow a `Workspace` for CPU inference.
+        rope: whether the blocks rotate q and k (every form here does).
     """
+    if not rope or not supported(blocks[0]):
+        return None
     forced = _forced.get()
     if forced is not _CHOOSE:
         return forced

@@ -36,9 +36,13 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with q/v bias, no k bias, and RoPE on q and k."""
+    """Multi-head self-attention with q/v bias, no k bias, and RoPE on q and k.
 
-    def __init__(self, dim: int, heads: int) -> None:
+    `inner_norm`: a LayerNorm on the heads' merged output before the projection (the EVA-02-CLIP B/L
+    towers; `inner_attn_ln` in BAAI's code, `scale_attn_inner` in timm's).
+    """
+
+    def __init__(self, dim: int, heads: int, inner_norm: bool = False, eps: float = 1e-6) -> None:
         super().__init__()
         self.heads = heads
         self.head_dim = dim // heads
@@ -48,19 +52,20 @@ class Attention(nn.Module):
         # Zero k bias as a buffer so the fused bias is one cat of existing tensors, not a new allocation
         # of zeros per call; non-persistent, so it is neither a parameter nor a checkpoint key.
         self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+        self.norm = nn.LayerNorm(dim, eps=eps) if inner_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables | None) -> torch.Tensor:
         B, T, D = x.shape
         bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))  # (3D,)
         qkv = F.linear(x, self.qkv.weight, bias)  # (B, T, 3D)
         q, k, v = qkv.view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, T, hd) each
-        # Rotate by position (rope.py); the class token's table entry is the identity.
-        q = apply_rope(q, rope.cos, rope.sin)  # (B, h, T, hd)
-        k = apply_rope(k, rope.cos, rope.sin)  # (B, h, T, hd)
+        if rope is not None:  # rotate by position (rope.py); the class token's table entry is the identity
+            q = apply_rope(q, rope.cos, rope.sin)  # (B, h, T, hd)
+            k = apply_rope(k, rope.cos, rope.sin)  # (B, h, T, hd)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, h, T, hd), softmax(q k^T / sqrt(hd)) v
         x = x.transpose(1, 2).reshape(B, T, D)  # (B, T, D): the heads side by side
-        return self.proj(x)  # (B, T, D)
+        return self.proj(self.norm(x))  # (B, T, D); norm: CLIP B/L's inner LayerNorm, else the identity
 
 
 class SwiGLU(nn.Module):
@@ -78,6 +83,22 @@ class SwiGLU(nn.Module):
         return self.w3(self.norm(h))  # (B, T, D); norm: the sub-LN of base/large, else the identity
 
 
+class Mlp(nn.Module):
+    """The plain transformer MLP of the EVA-02-CLIP-E towers: fc_out(gelu(fc_in(x))).
+
+    (Named apart from timm's `fc1`/`fc2`, which in timm's EVA-02 Ti/S files hold the packed SwiGLU:
+    the key names alone then tell our files from theirs.)
+    """
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(dim, hidden)
+        self.fc_out = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x)))  # (B, T, H) inside, (B, T, D) out; exact (erf) GELU
+
+
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero whole samples of a residual branch with probability p, rescale the rest."""
     if p == 0.0 or not training:
@@ -87,20 +108,35 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-LN transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
 
-    def __init__(self, dim: int, heads: int, hidden: int, sub_ln: bool, eps: float, drop_path: float) -> None:
+    With `post_norm` (EVA-02-CLIP-E) the norms move onto the branch outputs: x + norm1(attn(x)).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        hidden: int,
+        sub_ln: bool,
+        eps: float,
+        drop_path: float,
+        attn_norm: bool = False,
+        mlp: str = "swiglu",
+        post_norm: bool = False,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, attn_norm, eps)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = SwiGLU(dim, hidden, sub_ln, eps)
+        self.mlp = SwiGLU(dim, hidden, sub_ln, eps) if mlp == "swiglu" else Mlp(dim, hidden)
         self.drop_path = drop_path
+        self.post_norm = post_norm
 
     def forward(
         self,
         x: torch.Tensor,
-        rope: RopeTables,
+        rope: RopeTables | None,
         path: Callable[[Block, torch.Tensor, RopeTables], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D). `path`: a faster form of this same forward, chosen by `fast.choose`
@@ -108,6 +144,10 @@ class Block(nn.Module):
         block (gradient checkpointing, FSDP, hooks) wraps it too."""
         if path is not None:
             return path(self, x, rope)
+        if self.post_norm:
+            x = x + drop_path(self.norm1(self.attn(x, rope)), self.drop_path, self.training)  # (B, T, D)
+            x = x + drop_path(self.norm2(self.mlp(x)), self.drop_path, self.training)  # (B, T, D)
+            return x
         x = x + drop_path(self.attn(self.norm1(x), rope), self.drop_path, self.training)  # (B, T, D)
         x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)  # (B, T, D)
         return x

@@ -3,7 +3,11 @@
 One module for every size and both forms:
 - classifier (num_classes > 0): blocks -> mean of patch tokens (cls excluded) -> fc_norm -> head;
 - headless (num_classes == 0): blocks -> per-token final `norm`; pooled output is the mean of the
-  normalised patch tokens (the MIM pre-training checkpoints' `norm`).
+  normalised patch tokens (the MIM pre-training checkpoints' `norm`);
+- token pooling (`pool="token"`, the EVA-02-CLIP image towers): blocks -> per-token `norm` -> class
+  token -> head, which is then the projection to CLIP's joint space.
+The CLIP towers' other options (inner attention norm; post-norm blocks with a GELU MLP and no RoPE
+for E) are options of the same blocks (`layers.py`).
 Any input size divisible by the patch size works: the absolute position embedding is resampled
 (bicubic, as the official fine-tuning loader) and the RoPE tables are recomputed for the grid.
 """
@@ -20,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from eva02.model import fast
 from eva02.model.config import Eva02Config
-from eva02.model.layers import Block, PatchEmbed
+from eva02.model.layers import Block, PatchEmbed, SwiGLU
 from eva02.model.rope import RopeTables, rope_complex, rope_tables
 
 OUT_TYPES = ("raw", "cls_token", "featmap", "avg_featmap")
@@ -50,11 +54,15 @@ class Eva02(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid**2, D))
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear in depth
         self.blocks = nn.ModuleList(
-            Block(D, cfg.heads, cfg.mlp_hidden, cfg.sub_ln, cfg.norm_eps, dpr[i]) for i in range(cfg.depth)
+            Block(
+                D, cfg.heads, cfg.mlp_hidden, cfg.sub_ln, cfg.norm_eps, dpr[i], cfg.attn_norm, cfg.mlp, cfg.post_norm
+            )
+            for i in range(cfg.depth)
         )
-        headless = cfg.num_classes == 0
-        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if headless else nn.Identity()
-        self.fc_norm = nn.Identity() if headless else nn.LayerNorm(D, eps=cfg.norm_eps)
+        # Final norms: per token (headless, and token pooling), or after average pooling (classifier).
+        token_norm = cfg.num_classes == 0 or cfg.pool == "token"
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if token_norm else nn.Identity()
+        self.fc_norm = nn.Identity() if token_norm else nn.LayerNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.grad_checkpointing = False
         self.reuse_buffers = True  # CPU inference: blocks share one buffer for qkv and w12 (fast.Workspace)
@@ -82,6 +90,9 @@ class Eva02(nn.Module):
         Compiled and exported graphs take them as inputs: built inside a graph, the tables were
         recomputed on every call, and inductor folded their sin/cos into every block's RoPE kernel.
         """
+        if not self.cfg.rope:  # towers without RoPE (CLIP-E) keep no tables
+            self.rope_cos = self.rope_sin = None
+            return
         self.rope_cos, self.rope_sin = self._real_rope((self.cfg.grid, self.cfg.grid), device)
 
     def _real_rope(self, grid: tuple[int, int], device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +105,7 @@ class Eva02(nn.Module):
         # new device, so that casting the model to bf16/fp16 never rounds them (the rotation is taken in
         # fp32 in every path) and `to_empty` never leaves them uninitialised.
         super()._apply(fn, recurse)
-        self._build_native_rope(self.rope_cos.device)
+        self._build_native_rope(self.pos_embed.device)
         self._rope_cache.clear()  # entries may hold the tables replaced here
         return self
 
@@ -116,7 +127,7 @@ class Eva02(nn.Module):
             blk.attn.q_bias.zero_()
             blk.attn.v_bias.zero_()
             blk.attn.proj.weight.div_(math.sqrt(2.0 * i))
-            blk.mlp.w3.weight.div_(math.sqrt(2.0 * i))
+            (blk.mlp.w3 if isinstance(blk.mlp, SwiGLU) else blk.mlp.fc_out).weight.div_(math.sqrt(2.0 * i))
         if isinstance(self.head, nn.Linear):
             self.head.weight.mul_(self.cfg.head_init_scale)
             self.head.bias.mul_(self.cfg.head_init_scale)
@@ -141,14 +152,14 @@ class Eva02(nn.Module):
         self.pos_embed = nn.Parameter(pos, requires_grad=self.pos_embed.requires_grad)
         self.cfg = new
         self._pos_cache.clear()
-        self._build_native_rope(self.rope_cos.device)
+        self._build_native_rope(self.pos_embed.device)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head (num_classes > 0) keeping the backbone; fc_norm is created if missing."""
         if num_classes <= 0:
             raise ValueError("reset_classifier needs num_classes > 0; build a headless model with num_classes=0")
         dev = self.pos_embed.device
-        if not self.is_classifier:
+        if not self.is_classifier and self.cfg.pool == "avg":
             self.fc_norm = nn.LayerNorm(self.cfg.dim, eps=self.cfg.norm_eps, device=dev)
             self.norm = nn.Identity()
         self.head = nn.Linear(self.cfg.dim, num_classes, device=dev)
@@ -164,14 +175,17 @@ class Eva02(nn.Module):
             raise ValueError(f"input size {H}x{W} is not divisible by the patch size {p}; resize or pad it")
         return H // p, W // p
 
-    def rope_for(self, grid: tuple[int, int], device: torch.device) -> RopeTables:
-        """RoPE tables (real and complex) for a grid, computed once per (grid, device), shared by every block.
+    def rope_for(self, grid: tuple[int, int], device: torch.device) -> RopeTables | None:
+        """RoPE tables (real and complex) for a grid, computed once per (grid, device), shared by every block
+        (None for a model without RoPE).
 
         Under torch.compile / torch.export the native grid's tables are the `rope_cos`/`rope_sin`
         buffers (graph inputs), and other grids' real tables are built inside the graph: reading and
         filling the dict would make the second call recompile.
         """
         c = self.cfg
+        if not c.rope:
+            return None
         native = grid == (c.grid, c.grid) and self.rope_cos.device == torch.device(device)
         if torch.compiler.is_compiling():
             if native:
@@ -233,7 +247,7 @@ class Eva02(nn.Module):
         The form every block runs in (reference or one of `fast.py`'s) is chosen here, once per call.
         """
         rope = self.rope_for(grid, x.device)
-        path = fast.choose(x, self.blocks, self.reuse_buffers)
+        path = fast.choose(x, self.blocks, self.reuse_buffers, rope=rope is not None)
         keep = {}
         for i, blk in enumerate(self.blocks):
             x = self._run_block(blk, x, rope, path)
@@ -249,7 +263,10 @@ class Eva02(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (B, 1+N, D) -> logits (B, C), or the pooled, normalised features (B, D) if pre_logits."""
-        x = self.fc_norm(x[:, 1:].mean(dim=1))
+        if self.cfg.pool == "token":  # CLIP towers: the class token, normalised with the others by `norm`
+            x = x[:, 0]
+        else:
+            x = self.fc_norm(x[:, 1:].mean(dim=1))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

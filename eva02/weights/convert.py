@@ -36,20 +36,26 @@ class Rule:
 
     `{i}` stands for a block index and `{p}` for `weight` or `bias`. A `None` part is a zero tensor
     the same size as its siblings that one side does not store (the k bias of the attention).
-    `when` limits a rule to one layout: 'fused' (Ti/S: fused qkv, packed SwiGLU), 'split' (B/L:
-    separate q/k/v, w1/w2 and a sub-LN), 'headless' or 'classifier'; 'any' applies always.
+    `when` limits a rule to layouts (one tag or a tuple of them). Blocks: 'fused' (Ti/S: fused qkv,
+    packed SwiGLU), 'split' (B/L and CLIP B/L: separate q/k/v, w1/w2 and a sub-LN), 'gelu' (CLIP E:
+    fused qkv, plain GELU MLP). Ends: 'headless', 'classifier' (average pooling) or 'token' (class
+    token after the final norm, the CLIP towers). 'any' applies always.
     """
 
     ours: tuple[str | None, ...]
     theirs: tuple[str | None, ...]
-    when: str = "any"
+    when: str | tuple[str, ...] = "any"
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return (self.when,) if isinstance(self.when, str) else self.when
 
 
-def _same(*keys: str, when: str = "any") -> list[Rule]:
+def _same(*keys: str, when: str | tuple[str, ...] = "any") -> list[Rule]:
     return [Rule((k,), (k,), when) for k in keys]
 
 
-def _rename(pairs: dict[str, str], when: str = "any") -> list[Rule]:
+def _rename(pairs: dict[str, str], when: str | tuple[str, ...] = "any") -> list[Rule]:
     return [Rule((ours,), (theirs,), when) for ours, theirs in pairs.items()]
 
 
@@ -58,28 +64,36 @@ _STEM = ("patch_embed.proj.{p}", "cls_token", "pos_embed")
 _BLOCK = (B + "norm1.{p}", B + "norm2.{p}", B + "attn.proj.{p}")
 _QKV_SPLIT = (B + "attn.q_proj.weight", B + "attn.k_proj.weight", B + "attn.v_proj.weight")
 
+# The plain MLP of the CLIP-E blocks: ours, and the name BAAI and timm give it.
+_GELU_MLP = (B + "mlp.fc_in.{p}", B + "mlp.fc_out.{p}")
+_GELU_THEIRS = {B + "mlp.fc_in.{p}": B + "mlp.fc1.{p}", B + "mlp.fc_out.{p}": B + "mlp.fc2.{p}"}
+
+# BAAI's layout: EVA-02 (`asuka/modeling_*.py`) and EVA-CLIP's image towers (`eva_vit_model.py`).
 OFFICIAL: list[Rule] = [
     *_same(*_STEM, *_BLOCK, B + "attn.q_bias", B + "attn.v_bias", B + "mlp.w3.{p}"),
     *_same("norm.{p}", "fc_norm.{p}", "head.{p}"),
-    *_same(B + "attn.qkv.weight", B + "mlp.w12.{p}", when="fused"),
+    *_same(B + "attn.qkv.weight", when=("fused", "gelu")),
+    *_same(B + "mlp.w12.{p}", when="fused"),
     Rule((B + "attn.qkv.weight",), _QKV_SPLIT, "split"),
     Rule((B + "mlp.w12.{p}",), (B + "mlp.w1.{p}", B + "mlp.w2.{p}"), "split"),
-    *_rename({B + "mlp.norm.{p}": B + "mlp.ffn_ln.{p}"}),
+    *_rename({B + "mlp.norm.{p}": B + "mlp.ffn_ln.{p}", B + "attn.norm.{p}": B + "attn.inner_attn_ln.{p}"}),
 ]
 
 TIMM: list[Rule] = [
-    *_same(*_STEM, *_BLOCK, "head.{p}"),
-    *_rename({B + "mlp.w3.{p}": B + "mlp.fc2.{p}"}),
+    *_same(*_STEM, *_BLOCK, "head.{p}", B + "attn.norm.{p}"),
+    *_rename({B + "mlp.w3.{p}": B + "mlp.fc2.{p}"}, when=("fused", "split")),
     *_same(B + "mlp.norm.{p}"),
-    *_same(B + "attn.qkv.weight", B + "attn.q_bias", B + "attn.v_bias", when="fused"),
+    *_same(B + "attn.qkv.weight", B + "attn.q_bias", B + "attn.v_bias", when=("fused", "gelu")),
     *_rename({B + "mlp.w12.{p}": B + "mlp.fc1.{p}"}, when="fused"),
+    *_rename(_GELU_THEIRS, when="gelu"),
     Rule((B + "attn.qkv.weight",), _QKV_SPLIT, "split"),
     *_rename({B + "attn.q_bias": B + "attn.q_proj.bias", B + "attn.v_bias": B + "attn.v_proj.bias"}, when="split"),
     Rule((B + "mlp.w12.{p}",), (B + "mlp.fc1_g.{p}", B + "mlp.fc1_x.{p}"), "split"),
-    # timm pools first and normalises after (fc_norm) in every model; the official MIM checkpoints'
+    # timm pools first and normalises after (fc_norm) in averaging models; the official MIM checkpoints'
     # per-token `norm` is what timm stores there, so for a headless model it is our `norm`.
     *_rename({"norm.{p}": "fc_norm.{p}"}, when="headless"),
     *_same("fc_norm.{p}", when="classifier"),
+    *_same("norm.{p}", when="token"),  # class-token pooling (CLIP towers): the per-token norm, as ours
 ]
 
 _MB = "backbone.layers.{i}."
@@ -102,7 +116,7 @@ MMPRETRAIN: list[Rule] = [
 
 _OURS_KEYS = (*_STEM, *_BLOCK, B + "attn.qkv.weight", B + "attn.q_bias", B + "attn.v_bias")
 EVA02: list[Rule] = _same(*_OURS_KEYS, B + "mlp.w12.{p}", B + "mlp.norm.{p}", B + "mlp.w3.{p}") + _same(
-    "norm.{p}", "fc_norm.{p}", "head.{p}"
+    "norm.{p}", "fc_norm.{p}", "head.{p}", B + "attn.norm.{p}", *_GELU_MLP
 )
 
 TABLES: dict[str, list[Rule]] = {"eva02": EVA02, "official": OFFICIAL, "timm": TIMM, "mmpretrain": MMPRETRAIN}
@@ -134,9 +148,10 @@ def _check_fmt(fmt: str) -> None:
         raise ValueError(f"unknown checkpoint format {fmt!r}; use one of {FORMATS} or 'auto'")
 
 
-def _applicable(rules: list[Rule], split: bool, headless: bool) -> list[Rule]:
-    allowed = {"any", "split" if split else "fused", "headless" if headless else "classifier"}
-    return [r for r in rules if r.when in allowed]
+def _applicable(rules: list[Rule], blocks: str, end: str) -> list[Rule]:
+    """The rules of one layout: `blocks` 'fused' / 'split' / 'gelu', `end` 'headless' / 'classifier' / 'token'."""
+    allowed = {"any", blocks, end}
+    return [r for r in rules if allowed.intersection(r.tags)]
 
 
 def _convert(sd: StateDict, rules: list[Rule], src: str, dst: str, fmt: str) -> StateDict:
@@ -188,14 +203,56 @@ def _check_zero(piece: Tensor, fill: tuple, fmt: str) -> None:
         )
 
 
-def _is_split_theirs(sd: StateDict, rules: list[Rule]) -> bool:
-    split_only = [t for r in rules if r.when == "split" for t in r.theirs if t is not None]
-    return any(_match(k, t) is not None for k in sd for t in split_only)
+def _only(rules: list[Rule], tag: str) -> list[str]:
+    """Their key templates that only rules of layout `tag` alone have."""
+    mine = {t for r in rules if r.tags == (tag,) for t in r.theirs if t is not None}
+    others = {t for r in rules if r.tags != (tag,) for t in r.theirs if t is not None}
+    return sorted(mine - others)
 
 
-def _is_classifier_theirs(sd: StateDict, rules: list[Rule]) -> bool:
+def _has(sd: StateDict, templates: list[str]) -> bool:
+    return any(_match(k, t) is not None for k in sd for t in templates)
+
+
+def _blocks_theirs(sd: StateDict, rules: list[Rule]) -> str:
+    """The block layout of a state dict in their format: the tag whose own key names it has, or for the
+    fused-qkv layouts, whose MLP shapes it has (timm stores Ti/S's packed SwiGLU and CLIP-E's GELU MLP
+    under the same `fc1`/`fc2` names: 2H rows in fc1 for H columns in fc2 when packed)."""
+    if _has(sd, _only(rules, "split")):
+        return "split"
+    if _has(sd, _only(rules, "gelu")):
+        return "gelu"
+    names = {r.ours[0]: r.theirs[0] for r in rules if r.tags == ("gelu",) and len(r.ours) == 1}
+    fc_in, fc_out = (names.get(B + f"mlp.{n}.{{p}}") for n in ("fc_in", "fc_out"))
+    if fc_in and fc_out:
+        w_in, w_out = (sd.get(t.format(i=0, p="weight")) for t in (fc_in, fc_out))
+        if w_in is not None and w_out is not None and w_in.shape[0] == w_out.shape[-1]:
+            return "gelu"
+    return "fused"
+
+
+def _end_theirs(sd: StateDict, rules: list[Rule]) -> str:
+    """How a state dict in their format ends: 'headless', 'classifier' (average pooling) or 'token'."""
     heads = [t for r in rules if r.ours and r.ours[0] == "head.{p}" for t in r.theirs]
-    return any(_match(k, t) is not None for k in sd for t in heads)
+    if not _has(sd, heads):
+        return "headless"
+    return "token" if _has(sd, _only(rules, "token")) else "classifier"
+
+
+def _blocks_ours(sd: StateDict, cfg: Eva02Config | None) -> str:
+    if cfg is not None:
+        return "gelu" if cfg.mlp == "gelu" else "split" if cfg.sub_ln else "fused"
+    if any(k.endswith("mlp.fc1.weight") for k in sd):
+        return "gelu"
+    return "split" if any(k.endswith("mlp.norm.weight") for k in sd) else "fused"
+
+
+def _end_ours(sd: StateDict, cfg: Eva02Config | None) -> str:
+    if cfg is not None and cfg.pool == "token":
+        return "token"
+    if "head.weight" not in sd:
+        return "headless"
+    return "token" if cfg is None and "norm.weight" in sd and "fc_norm.weight" not in sd else "classifier"
 
 
 def to_ours(sd: StateDict, fmt: str, cfg: Eva02Config | None = None, mim: dict | None = None) -> StateDict:
@@ -216,9 +273,9 @@ def to_ours(sd: StateDict, fmt: str, cfg: Eva02Config | None = None, mim: dict |
                 mim[k] = v
         else:
             kept[k] = v
-    headless = not _is_classifier_theirs(kept, rules)
-    out = _convert(kept, _applicable(rules, _is_split_theirs(kept, rules), headless), "theirs", "ours", fmt)
-    if fmt == "mmpretrain" and headless and "norm.weight" not in out:
+    end = _end_theirs(kept, rules)
+    out = _convert(kept, _applicable(rules, _blocks_theirs(kept, rules), end), "theirs", "ours", fmt)
+    if fmt == "mmpretrain" and end == "headless" and "norm.weight" not in out:
         # mmpretrain's converter drops the MIM `norm` and its headless model has no final norm; the
         # affine part is lost, so tokens are normalised with unit scale and zero shift.
         dim = cfg.dim if cfg is not None else out["cls_token"].shape[-1]
@@ -236,9 +293,7 @@ def to_ours(sd: StateDict, fmt: str, cfg: Eva02Config | None = None, mim: dict |
 def from_ours(sd: StateDict, fmt: str, cfg: Eva02Config | None = None, mim: dict | None = None) -> StateDict:
     """Convert our state dict to format `fmt` (the inverse of `to_ours`); `mim` tensors are added (official)."""
     _check_fmt(fmt)
-    split = cfg.sub_ln if cfg is not None else any(k.endswith("mlp.norm.weight") for k in sd)
-    headless = "head.weight" not in sd
-    out = _convert(sd, _applicable(TABLES[fmt], split, headless), "ours", "theirs", fmt)
+    out = _convert(sd, _applicable(TABLES[fmt], _blocks_ours(sd, cfg), _end_ours(sd, cfg)), "ours", "theirs", fmt)
     if mim:
         if fmt != "official":
             raise ValueError(f"MIM tensors (mask_token, lm_head) can only be written in the official format, not {fmt}")
