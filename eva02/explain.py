@@ -121,8 +121,8 @@ def gradcam(
     """Images (B, 3, H, W) -> (Grad-CAM maps (B, H/p, W/p) >= 0, the class explained per image (B,)).
 
     Args:
-        target: the class whose logit is explained, one for all images or one per image;
-            None: each image's top class.
+        target: the class whose logit is explained, one for all images or one per image (a list
+            may hold None for some); None: each image's top class.
         block: whose output tokens are weighted by their gradient (default: the last block).
     """
     if not model.is_classifier:
@@ -153,10 +153,14 @@ def gradcam(
 
 
 def _targets(target, logits: torch.Tensor) -> torch.Tensor:
-    """The class to explain per image (B,): given, or each image's top class; checked against the head."""
+    """The class to explain per image (B,): given, or each image's top class where the target (or its
+    entry for that image) is None; checked against the head."""
     B, C = logits.shape
+    top = logits.argmax(dim=-1)  # (B,)
     if target is None:
-        return logits.argmax(dim=-1)
+        return top
+    if isinstance(target, (list, tuple)) and len(target) == B and None in target:
+        target = [int(top[i]) if t is None else t for i, t in enumerate(target)]
     classes = torch.as_tensor(target, dtype=torch.long, device=logits.device).flatten()
     if classes.numel() == 1:
         classes = classes.expand(B)

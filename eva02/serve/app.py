@@ -3,16 +3,18 @@
 Routes (JSON in and out, errors as `{"detail": "one line"}`):
   POST /v1/classify?topk=5   an image -> top-k classes, the record of `eva02 predict --json`
   POST /v1/features          an image -> its pooled embedding (`eva02 features`' default)
-  POST /v1/zero-shot, /v1/embed-text, /v1/explain   reserved for CLIP and explanations: 501 for now
+  POST /v1/explain?method=   an image -> a PNG of its explanation heat map (attention rollout, Grad-CAM)
+  POST /v1/zero-shot, /v1/embed-text   reserved for the CLIP models: 501 for now
   GET  /v1/model             what is served; GET /healthz, /readyz, /metrics
-  GET  /                     reserved for the browser page
+  GET  /                     the browser page (eva02/serve/page/: static HTML, CSS and JS)
 An image is the whole request body (raw bytes, whatever the content type says: curl --data-binary
 calls it a urlencoded form) or the first file of a multipart form; a JSON body gets 415. A request
 is admitted only while fewer than `max_queue` are held (reading, decoding, waiting or in the model):
 else 503 with Retry-After, before its body is read. Bodies over `max_upload_bytes` get 413 as soon
 as they pass the limit; images that cannot be read get 400 with the loader's reason; a request not
 answered within `timeout_s` gets 504 (408 if its body had not arrived by then). Images are decoded
-in a thread pool, the model runs in the batcher's own thread.
+in a thread pool, the model runs in the batcher's own thread; explanations are batched like the
+other kinds (one kind per method), and their drawings are made in the decoding threads.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from importlib import resources
+from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,7 +37,7 @@ from starlette.requests import ClientDisconnect
 from eva02.data.images import ImageError
 from eva02.serve.batcher import Batcher, Closed
 from eva02.serve.metrics import Metrics, RequestMetrics
-from eva02.serve.runner import ModelRunner
+from eva02.serve.runner import EXPLAIN, ModelRunner
 
 log = logging.getLogger("eva02.serve")
 RETRY_AFTER = {"Retry-After": "1"}  # seconds; a full queue empties at the model's pace, usually well within
@@ -84,7 +88,15 @@ IMAGE_BODY = {
 PLANNED = {
     "/v1/zero-shot": "zero-shot classification with the label texts you send comes with the CLIP models",
     "/v1/embed-text": "text embeddings come with the CLIP models",
-    "/v1/explain": "attention-rollout and Grad-CAM maps are planned",
+}
+# The browser page: file -> media type. Scripts and styles are files of their own, so the page's
+# Content-Security-Policy can forbid inline code.
+PAGE_FILES = {"index.html": "text/html", "page.js": "text/javascript", "page.css": "text/css"}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
 }
 
 
@@ -122,6 +134,14 @@ class ServeState:
 
     async def infer(self, request: Request, kind: str) -> Any:
         """Admit, read, decode and queue one image; its row of the batch result."""
+        return await self._admitted(lambda stage: self._infer(request, kind, stage))
+
+    async def explain(self, request: Request, method: str, target: int | None) -> tuple[bytes, int | None]:
+        """Admit, read, decode and queue one image for an explanation: (PNG bytes, the class explained)."""
+        return await self._admitted(lambda stage: self._explain(request, method, target, stage))
+
+    async def _admitted(self, work: Callable[[list[str]], Awaitable[Any]]) -> Any:
+        """Run `work(stage)` as one admitted request: 503 when not ready or full, 408/504 past the timeout."""
         if not self.ready:
             raise HTTPException(
                 503, "the model is warming up; retry shortly (GET /readyz says when)", headers=RETRY_AFTER
@@ -134,7 +154,7 @@ class ServeState:
         self.held += 1
         stage = ["reading"]
         try:
-            return await asyncio.wait_for(self._infer(request, kind, stage), self.settings.timeout_s)
+            return await asyncio.wait_for(work(stage), self.settings.timeout_s)
         except asyncio.TimeoutError:
             if stage[0] == "reading":
                 raise HTTPException(408, f"the upload did not arrive within {self.settings.timeout_s:g} s") from None
@@ -145,16 +165,30 @@ class ServeState:
             self.held -= 1
 
     async def _infer(self, request: Request, kind: str, stage: list[str]) -> Any:
+        image = await self._decoded(request, self.runner.decode, stage)
+        return await self._computed(kind, image, stage)
+
+    async def _explain(self, request: Request, method: str, target: int | None, stage: list[str]):
+        image, view = await self._decoded(request, self.runner.decode_view, stage)
+        heat, explained = await self._computed(EXPLAIN + method, (image, target), stage)
+        stage[0] = "drawing"
+        png = await asyncio.get_running_loop().run_in_executor(self.decoders, self.runner.overlay_png, view, heat)
+        return png, explained
+
+    async def _decoded(self, request: Request, decode: Callable[[bytes, str], Any], stage: list[str]) -> Any:
+        """The upload, read within the limits and decoded in a decoding thread (400 if it is no image)."""
         data, name = await read_image(request, self.settings.max_upload_bytes)
         stage[0] = "decoding"
-        loop = asyncio.get_running_loop()
         try:
-            image = await loop.run_in_executor(self.decoders, self.runner.decode, data, name)
+            return await asyncio.get_running_loop().run_in_executor(self.decoders, decode, data, name)
         except ImageError as e:
             raise HTTPException(400, str(e)) from None
+
+    async def _computed(self, kind: str, payload: Any, stage: list[str]) -> Any:
+        """The payload's result from the next batch of its kind (503 while stopping, 500 if the call fails)."""
         stage[0] = "waiting for the model"
         try:
-            future = self.batcher.submit(kind, image)
+            future = self.batcher.submit(kind, payload)
         except Closed:
             raise HTTPException(503, "the server is shutting down", headers=RETRY_AFTER) from None
         try:
@@ -257,8 +291,29 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
         """Pooled embedding of one image."""
         return JSONResponse(runner.features_json(await state.infer(request, "features")))
 
+    @app.post("/v1/explain", openapi_extra=IMAGE_BODY, response_class=Response)
+    async def explain(
+        request: Request,
+        method: Literal["attention-rollout", "gradcam"] = Query("attention-rollout", description="how to explain"),
+        target: int | None = Query(None, ge=0, description="gradcam: the class to explain (default: the top class)"),
+    ) -> Response:
+        """A PNG of one image's explanation heat map, drawn over the region the model saw."""
+        _check_explain(runner, method, target)
+        png, explained = await state.explain(request, method, target)
+        headers = {"X-Explain-Method": method, "Cache-Control": "no-store"}
+        if explained is not None:
+            headers["X-Explain-Target"] = str(explained)
+        return Response(png, media_type="image/png", headers=headers)
+
     for path, what in PLANNED.items():
         app.add_api_route(path, _not_yet(what), methods=["POST"], include_in_schema=False)
+
+    page = {name: resources.files("eva02.serve").joinpath("page", name).read_bytes() for name in PAGE_FILES}
+    for name, media_type in PAGE_FILES.items():
+        app.add_api_route(
+            "/" if name == "index.html" else f"/{name}", _page_file(page[name], media_type), methods=["GET"],
+            include_in_schema=False,
+        )  # fmt: skip
 
     @app.get("/v1/model")
     async def model() -> dict:
@@ -285,6 +340,28 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
         """Prometheus text format."""
         body, content_type = state.metrics.render()
         return Response(body, media_type=content_type)
+
+
+def _check_explain(runner: ModelRunner, method: str, target: int | None) -> None:
+    """400 for an explanation this model cannot give, before the upload is read."""
+    if method not in runner.explain_methods:
+        raise HTTPException(
+            400, f"model '{runner.name}' has no classifier head, so no Grad-CAM; use method=attention-rollout"
+        )
+    if target is None:
+        return
+    if method != "gradcam":
+        raise HTTPException(400, "target: attention rollout does not depend on a class; it applies to gradcam only")
+    if target >= runner.model.cfg.num_classes:
+        raise HTTPException(400, f"target: {target} is out of range, the model has classes 0 to "
+                            f"{runner.model.cfg.num_classes - 1}")  # fmt: skip
+
+
+def _page_file(body: bytes, media_type: str):
+    async def page_file() -> Response:
+        return Response(body, media_type=media_type, headers=PAGE_HEADERS)
+
+    return page_file
 
 
 def _not_yet(what: str):

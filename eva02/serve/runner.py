@@ -5,12 +5,14 @@ accepts exactly the files `eva02 predict` accepts and refuses the others with th
 not an image, truncated or corrupt, too many pixels). That loader reads paths, so the bytes are handed
 to it as an in-memory file (`os.memfd_create`; a temporary file where there is none). Classification
 goes through `Predictor` (the same probabilities and top-k as `eva02 predict`); embeddings are
-`extract_feat(out_type='avg_featmap')`, the default of `eva02 features`.
+`extract_feat(out_type='avg_featmap')`, the default of `eva02 features`. Explanations
+(`explain:<method>` batches) are `eva02.explain`'s maps, drawn over the image region the model saw.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -18,7 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from eva02 import explain
 from eva02.data.images import ImageError, load_image
 from eva02.data.transforms import eval_transform
 from eva02.inference import AUTOCAST_DTYPES, Predictor
@@ -26,6 +30,8 @@ from eva02.model.vit import Eva02
 from eva02.weights.zoo import Preprocess
 
 KINDS = ("classify", "features")
+EXPLAIN = "explain:"  # + a method of eva02.explain.METHODS: the kind of an explanation batch
+VIEW_SIDE = 512  # longest side of an explanation drawing
 
 
 @contextlib.contextmanager
@@ -70,6 +76,7 @@ class ModelRunner:
         self.dtype = dtype or "fp32"
         self.autocast_dtype = AUTOCAST_DTYPES[dtype]
         self.img_size = preprocess.img_size
+        self.preprocess = preprocess
         self.transform = eval_transform(preprocess)
         self.predictor = (
             Predictor(model, preprocess=preprocess, dtype=dtype, class_names=class_names)
@@ -82,6 +89,11 @@ class ModelRunner:
         """What this model can compute: features always, classes when it has a head."""
         return KINDS if self.predictor is not None else ("features",)
 
+    @property
+    def explain_methods(self) -> tuple[str, ...]:
+        """The explanations this model gives: Grad-CAM needs a head, attention rollout does not."""
+        return explain.METHODS if self.predictor is not None else ("attention-rollout",)
+
     def info(self) -> dict[str, Any]:
         return {
             "model": self.name,
@@ -91,20 +103,38 @@ class ModelRunner:
             "device": str(self.device),
             "dtype": self.dtype,
             "kinds": list(self.kinds),
+            "explain_methods": list(self.explain_methods),
         }
 
     # ------------------------------------------------------------------------------ per request
     def decode(self, data: bytes, name: str) -> torch.Tensor:
         """Upload bytes -> preprocessed image (3, S, S); ImageError naming `name` and the reason."""
+        return self._decode(data, name)[0]
+
+    def decode_view(self, data: bytes, name: str) -> tuple[torch.Tensor, Image.Image]:
+        """Upload bytes -> (preprocessed image (3, S, S), the region the model sees, at most VIEW_SIDE px)."""
+        x, img = self._decode(data, name)
+        view = explain.model_view(img, self.preprocess)
+        view.thumbnail((VIEW_SIDE, VIEW_SIDE), Image.Resampling.BICUBIC)
+        return x, view
+
+    def _decode(self, data: bytes, name: str) -> tuple[torch.Tensor, Image.Image]:
         with bytes_as_file(data) as path:
             try:
                 img = load_image(path)
             except ImageError as e:
                 raise ImageError(str(e).replace(f"'{path}'", f"'{name}'")) from None
         try:
-            return self.transform(img)
+            return self.transform(img), img
         except Exception as e:  # a transform failure is the image's problem too (e.g. a 0-pixel side)
             raise ImageError(f"cannot preprocess image '{name}': {type(e).__name__}: {e}") from None
+
+    @staticmethod
+    def overlay_png(view: Image.Image, heat: np.ndarray) -> bytes:
+        """A map (h, w) in [0, 1] drawn over the image region the model saw, as PNG bytes."""
+        buf = io.BytesIO()
+        explain.overlay(view, heat, max_side=VIEW_SIDE).save(buf, format="PNG")
+        return buf.getvalue()
 
     def classify_json(self, probs: np.ndarray, topk: int) -> dict[str, Any]:
         """One image's probabilities (C,) -> the record of `eva02 predict --json`, with the model name."""
@@ -121,9 +151,13 @@ class ModelRunner:
         return {"model": self.name, "dim": int(embedding.shape[-1]), "embedding": embedding.tolist()}
 
     # -------------------------------------------------------------------------------- per batch
-    def run(self, kind: str, images: list[torch.Tensor]) -> list[np.ndarray]:
+    def run(self, kind: str, images: list) -> list:
         """One model call for a batch of preprocessed images -> one float32 row per image:
-        class probabilities (C,) for 'classify', the pooled embedding (D,) for 'features'."""
+        class probabilities (C,) for 'classify', the pooled embedding (D,) for 'features'.
+        'explain:<method>' takes (image, target class or None) pairs and gives (map (h, w) in [0, 1],
+        the class explained or None) pairs."""
+        if kind.startswith(EXPLAIN):
+            return self.explain(kind[len(EXPLAIN) :], images)
         batch = torch.stack(images)  # (B, 3, S, S)
         if kind == "classify":
             out = self.predictor.probabilities(batch)  # (B, C)
@@ -141,6 +175,14 @@ class ModelRunner:
         with torch.autocast(self.device.type, dtype=dt or torch.bfloat16, enabled=dt is not None):
             (feats,) = self.model.extract_feat(x, out_type="avg_featmap", out_indices=(-1,))  # (B, D)
         return feats.float().cpu().numpy()
+
+    def explain(self, method: str, items: list[tuple[torch.Tensor, int | None]]) -> list[tuple[np.ndarray, int | None]]:
+        """Explanation maps for (image, target) pairs: one model call for the batch, in float32."""
+        batch = torch.stack([x for x, _ in items]).to(self.device)  # (B, 3, S, S)
+        targets = [t for _, t in items] if method == "gradcam" else None  # None in the list: the top class
+        maps, classes = explain.explain(self.model, batch, method, targets)
+        maps = maps.cpu().numpy()
+        return [(maps[i], None if classes is None else int(classes[i])) for i in range(len(items))]
 
     def warm_up(self) -> None:
         """One call of each kind on a blank image: first-call costs (allocations, kernels) before traffic."""
