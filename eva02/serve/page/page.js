@@ -175,7 +175,8 @@ async function explain(run) {
   if (run !== state.run) return;
   const explained = res.headers.get("X-Explain-Target");
   const overlay = $("overlay");
-  overlay.addEventListener("load", () => setState("done"), { once: true });
+  overlay.onload = () => setState("done");
+  overlay.onerror = () => showError("the explanation image could not be shown");
   if (state.overlayUrl) URL.revokeObjectURL(state.overlayUrl);
   state.overlayUrl = URL.createObjectURL(blob);
   overlay.src = state.overlayUrl;
