@@ -26,6 +26,11 @@ _EXPORTS = {
     "count_flops": "eva02.flops",
     "count_macs": "eva02.flops",
     "count_params": "eva02.flops",
+    "get_clip": "eva02.weights.clip",
+    "save_clip": "eva02.weights.clip",
+    "list_clip_models": "eva02.weights.clip",
+    "zero_shot_classifier": "eva02.clip",
+    "tokenize": "eva02.clip",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,6 +15,7 @@ EXTRAS = {
     "bench": "timm",
     "export": "onnx, onnxruntime and onnxscript",
     "mim": "open_clip_torch",
+    "clip": "open_clip_torch",
     "serve": "fastapi, uvicorn, python-multipart and prometheus_client",
 }
 

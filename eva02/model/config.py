@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-
 MLPS = ("swiglu", "gelu")
 POOLS = ("avg", "token")
 

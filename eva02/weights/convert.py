@@ -121,6 +121,82 @@ EVA02: list[Rule] = _same(*_OURS_KEYS, B + "mlp.w12.{p}", B + "mlp.norm.{p}", B 
 
 TABLES: dict[str, list[Rule]] = {"eva02": EVA02, "official": OFFICIAL, "timm": TIMM, "mmpretrain": MMPRETRAIN}
 
+# ------------------------------------------------------------------------------- EVA-02-CLIP
+# A CLIP state dict is the image tower under `visual.` (one of the tables above), the text tower under
+# `text.` and `logit_scale`. open_clip keeps timm's tower under `visual.trunk.`; BAAI's EVA-CLIP files
+# keep their own tower (with the CLIP-E MLP as `fc1`/`fc2`) under `visual.`; both name the text tower
+# as open_clip's `TextTransformer` does.
+CLIP_FORMATS = ("eva02", "open_clip", "eva_clip")
+
+_T, _OCT = "text.blocks.{i}.", "text.transformer.resblocks.{i}."
+_TEXT_OPEN_CLIP = {
+    "text.token_embedding.weight": "text.token_embedding.weight",
+    "text.pos_embed": "text.positional_embedding",
+    _T + "norm1.{p}": _OCT + "ln_1.{p}",
+    _T + "attn.qkv.{p}": _OCT + "attn.in_proj_{p}",
+    _T + "attn.proj.{p}": _OCT + "attn.out_proj.{p}",
+    _T + "norm2.{p}": _OCT + "ln_2.{p}",
+    _T + "mlp.fc_in.{p}": _OCT + "mlp.c_fc.{p}",
+    _T + "mlp.fc_out.{p}": _OCT + "mlp.c_proj.{p}",
+    "text.norm.{p}": "text.ln_final.{p}",
+    "text.proj": "text.text_projection",
+    "logit_scale": "logit_scale",
+}
+
+
+def _prefixed(rules: list[Rule], ours: str, theirs: str) -> list[Rule]:
+    def add(prefix: str, keys: tuple[str | None, ...]) -> tuple[str | None, ...]:
+        return tuple(None if k is None else prefix + k for k in keys)
+
+    return [Rule(add(ours, r.ours), add(theirs, r.theirs), r.when) for r in rules]
+
+
+CLIP_TABLES: dict[str, list[Rule]] = {
+    "eva02": [*_prefixed(EVA02, "visual.", "visual."), *_same(*_TEXT_OPEN_CLIP)],
+    "open_clip": [*_prefixed(TIMM, "visual.", "visual.trunk."), *_rename(_TEXT_OPEN_CLIP)],
+    "eva_clip": [
+        *_prefixed([*OFFICIAL, *_rename(_GELU_THEIRS, when="gelu")], "visual.", "visual."),
+        *_rename(_TEXT_OPEN_CLIP),
+    ],
+}
+
+# Buffers some CLIP files carry that are recomputed here: RoPE tables, the text tower's causal mask.
+_CLIP_DROPPED = ("rope.", "text.attn_mask")
+
+
+def detect_clip_format(sd: StateDict) -> str:
+    """Tell a CLIP checkpoint's format from its key names (see CLIP_TABLES)."""
+    if any(k.startswith("text.blocks.") for k in sd):
+        return "eva02"
+    if any(k.startswith("visual.trunk.") for k in sd):
+        return "open_clip"
+    if any(k.startswith("visual.blocks.") for k in sd) and any(k.startswith("text.transformer.") for k in sd):
+        return "eva_clip"
+    shown = ", ".join(list(sd)[:5])
+    raise ValueError(
+        f"not an EVA-02-CLIP checkpoint of a known format (keys {shown}, ...): expected open_clip "
+        "(visual.trunk.*, text.*), BAAI EVA-CLIP (visual.blocks.*, text.transformer.*) or eva02 (text.blocks.*)"
+    )
+
+
+def clip_to_ours(sd: StateDict, fmt: str = "auto") -> StateDict:
+    """Convert a flat CLIP state dict (open_clip, BAAI EVA-CLIP or ours) to our `Eva02Clip` layout."""
+    fmt = detect_clip_format(sd) if fmt == "auto" else fmt
+    if fmt not in CLIP_TABLES:
+        raise ValueError(f"unknown CLIP checkpoint format {fmt!r}; use one of {CLIP_FORMATS} or 'auto'")
+    rules = CLIP_TABLES[fmt]
+    kept = {k: v for k, v in sd.items() if not any(d in k for d in _CLIP_DROPPED)}
+    return _convert(kept, _applicable(rules, _blocks_theirs(kept, rules), "token"), "theirs", "ours", fmt)
+
+
+def clip_from_ours(sd: StateDict, fmt: str, cfg: Eva02Config | None = None) -> StateDict:
+    """Convert our `Eva02Clip` state dict to format `fmt` (the inverse of `clip_to_ours`); `cfg`: the image tower's."""
+    if fmt not in CLIP_TABLES:
+        raise ValueError(f"unknown CLIP checkpoint format {fmt!r}; use one of {CLIP_FORMATS}")
+    visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    return _convert(sd, _applicable(CLIP_TABLES[fmt], _blocks_ours(visual, cfg), "token"), "ours", "theirs", fmt)
+
+
 # Pre-training-only tensors of the official MIM checkpoints: not part of an Eva02, handed to a MIM
 # wrapper on request (see `to_ours(mim=...)`).
 MIM_EXTRAS = {"official": ("mask_token", "lm_head.{p}")}
@@ -183,7 +259,8 @@ def _convert(sd: StateDict, rules: list[Rule], src: str, dst: str, fmt: str) -> 
         tensors = [parts[j] if t is not None else torch.zeros_like(like) for j, t in enumerate(names)]
         whole = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
         targets = getattr(rule, dst)
-        for t, piece in zip(targets, whole.chunk(len(targets)), strict=True):
+        pieces = whole.chunk(len(targets)) if len(targets) > 1 else (whole,)  # (whole may be 0-d: logit_scale)
+        for t, piece in zip(targets, pieces, strict=True):
             if t is None:
                 _check_zero(piece, fill, fmt)
             else:
@@ -222,8 +299,8 @@ def _blocks_theirs(sd: StateDict, rules: list[Rule]) -> str:
         return "split"
     if _has(sd, _only(rules, "gelu")):
         return "gelu"
-    names = {r.ours[0]: r.theirs[0] for r in rules if r.tags == ("gelu",) and len(r.ours) == 1}
-    fc_in, fc_out = (names.get(B + f"mlp.{n}.{{p}}") for n in ("fc_in", "fc_out"))
+    names = {r.ours[0].rsplit(".mlp.", 1)[-1]: r.theirs[0] for r in rules if r.tags == ("gelu",) and len(r.ours) == 1}
+    fc_in, fc_out = names.get("fc_in.{p}"), names.get("fc_out.{p}")
     if fc_in and fc_out:
         w_in, w_out = (sd.get(t.format(i=0, p="weight")) for t in (fc_in, fc_out))
         if w_in is not None and w_out is not None and w_in.shape[0] == w_out.shape[-1]:

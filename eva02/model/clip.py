@@ -1,0 +1,251 @@
+"""EVA-02-CLIP: the EVA-02 image tower, a CLIP text transformer, and the joint embedding space.
+
+The image tower is `Eva02` with the CLIP options of `Eva02Config` (class-token pooling after the final
+norm, the attention's inner norm for B/L, post-norm GELU blocks without RoPE for E); its head is the
+linear projection into the joint space. The text tower is the CLIP text transformer (Radford et al.
+2021) as open_clip builds it for these models: token + learned position embedding, pre-LN blocks with
+causal self-attention and a GELU MLP, a final norm, the features of the end-of-text token (the highest
+token id in each sequence), and a bias-free projection.
+
+Sizes follow open_clip's `EVA02-*` model configs and BAAI's `EVA02-CLIP-*` configs; `CLIP_VARIANTS`
+holds them plus a small test model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eva02.model.config import Eva02Config
+from eva02.model.layers import Mlp
+from eva02.model.vit import Eva02
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The CLIP text transformer: width, heads and depth; BPE vocabulary and context of CLIP's tokenizer."""
+
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    vocab_size: int = 49408
+    context_length: int = 77
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{n} must be positive"
+            for n in ("width", "heads", "layers", "vocab_size", "context_length")
+            if getattr(self, n) <= 0
+        ]
+        if not problems and self.width % self.heads:
+            problems.append(f"width={self.width} is not divisible by heads={self.heads}")
+        if problems:
+            raise ValueError("invalid TextConfig: " + "; ".join(problems))
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    def replace(self, **changes: Any) -> TextConfig:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """An image tower (`vision.num_classes` is the joint-space width), a text tower, the joint width."""
+
+    vision: Eva02Config
+    text: TextConfig
+    embed_dim: int
+
+    def __post_init__(self) -> None:
+        if self.vision.pool != "token" or self.vision.num_classes != self.embed_dim:
+            raise ValueError(
+                "invalid ClipConfig: the image tower must pool the class token and project to embed_dim "
+                f"(pool={self.vision.pool!r}, num_classes={self.vision.num_classes}, embed_dim={self.embed_dim})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"vision": self.vision.to_dict(), "text": asdict(self.text), "embed_dim": self.embed_dim}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClipConfig:
+        unknown = sorted(set(d) - {"vision", "text", "embed_dim"})
+        text_keys = {f.name for f in fields(TextConfig)}
+        unknown += sorted(f"text.{k}" for k in set(d.get("text", {})) - text_keys)
+        if unknown:
+            raise ValueError(f"unknown ClipConfig keys {unknown}")
+        return cls(Eva02Config.from_dict(d["vision"]), TextConfig(**d["text"]), int(d["embed_dim"]))
+
+    def replace(self, **changes: Any) -> ClipConfig:
+        return replace(self, **changes)
+
+
+class TextAttention(nn.Module):
+    """Causal multi-head self-attention with biases on q, k and v (packed in `qkv`)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, W = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, T, hd)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # each token sees itself and earlier ones
+        return self.proj(x.transpose(1, 2).reshape(B, T, W))  # (B, T, W)
+
+
+class TextBlock(nn.Module):
+    """Pre-LN block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.attn = TextAttention(cfg.width, cfg.heads)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg.width, cfg.mlp_hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))  # (B, T, W)
+        return x + self.mlp(self.norm2(x))  # (B, T, W)
+
+
+class TextTransformer(nn.Module):
+    """Token ids (B, L <= context_length) -> text embeddings (B, embed_dim)."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
+        self.blocks = nn.ModuleList(TextBlock(cfg) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.proj = nn.Parameter(torch.zeros(cfg.width, embed_dim))  # x @ proj, no bias
+        self.grad_checkpointing = False
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """CLIP's text-tower init: small normal embeddings, residual projections scaled by depth."""
+        W, L = self.cfg.width, self.cfg.layers
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.01)
+        for blk in self.blocks:
+            nn.init.normal_(blk.attn.qkv.weight, std=W**-0.5)
+            nn.init.normal_(blk.attn.proj.weight, std=W**-0.5 * (2 * L) ** -0.5)
+            nn.init.normal_(blk.mlp.fc_in.weight, std=(2 * W) ** -0.5)
+            nn.init.normal_(blk.mlp.fc_out.weight, std=W**-0.5 * (2 * L) ** -0.5)
+            for lin in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc_in, blk.mlp.fc_out):
+                nn.init.zeros_(lin.bias)
+        nn.init.normal_(self.proj, std=W**-0.5)
+
+    def forward_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> final normalised token features (B, L, W)."""
+        L = ids.shape[-1]
+        if L > self.cfg.context_length:
+            raise ValueError(f"text of {L} tokens is longer than the context of {self.cfg.context_length}")
+        x = self.token_embedding(ids) + self.pos_embed[:L].to(self.token_embedding.weight.dtype)  # (B, L, W)
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return self.norm(x)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.forward_tokens(ids)  # (B, L, W)
+        eot = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]  # (B, W): end-of-text token
+        return eot @ self.proj  # (B, E)
+
+
+class Eva02Clip(nn.Module):
+    """EVA-02-CLIP: `encode_image`, `encode_text`, and `logit_scale` (the log of the logits' temperature)."""
+
+    def __init__(self, cfg: ClipConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.visual = Eva02(cfg.vision)
+        self.text = TextTransformer(cfg.text, cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    @classmethod
+    def uninitialized(cls, cfg: ClipConfig, device: torch.device | str = "cpu") -> Eva02Clip:
+        """Allocated but not initialised, for loading a complete state dict."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device=device)
+        for blk in model.visual.blocks:  # constant zeros that no checkpoint carries
+            blk.attn.k_bias.zero_()
+        return model
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.text.grad_checkpointing = enable
+
+    def tokenize(self, texts: str | list[str]) -> torch.Tensor:
+        """Token ids (N, context_length) for this model's text tower (`eva02.clip.tokenize`, the `clip` extra)."""
+        from eva02.clip import tokenize  # the tokenizer lives outside the torch-only model package
+
+        return tokenize(texts, self.cfg.text.context_length)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Images (B, 3, H, W), normalised with CLIP's mean and std -> embeddings (B, E)."""
+        x = self.visual(images)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Token ids (B, L) from `eva02.clip.tokenize` -> embeddings (B, E)."""
+        x = self.text(ids)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def logits(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine similarities (B_images, B_texts), as CLIP was trained with."""
+        img = self.encode_image(images, normalize=True)
+        txt = self.encode_text(ids, normalize=True)
+        return self.logit_scale.exp() * img @ txt.T
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normalised image embeddings, normalised text embeddings, logit scale exp), for a contrastive loss."""
+        return self.encode_image(images, True), self.encode_text(ids, True), self.logit_scale.exp()
+
+
+def _tower(dim: int, depth: int, heads: int, hidden: int, patch: int, img: int, embed: int, **kw: Any) -> Eva02Config:
+    return Eva02Config(
+        dim=dim,
+        depth=depth,
+        heads=heads,
+        mlp_hidden=hidden,
+        patch_size=patch,
+        img_size=img,
+        num_classes=embed,
+        pool="token",
+        **kw,
+    )
+
+
+# B and L: the EVA-02 blocks with sub-LN and the inner attention norm. E: 64 post-norm blocks with a
+# GELU MLP (15360 = 1792 * 60/7), no RoPE. Every tower keeps RoPE's 16x16 reference grid.
+_BL = dict(sub_ln=True, attn_norm=True)
+_E = dict(mlp="gelu", post_norm=True, rope=False)
+CLIP_VARIANTS: dict[str, ClipConfig] = {
+    "test": ClipConfig(_tower(128, 2, 2, 341, 14, 56, 64, **_BL), TextConfig(64, 2, 2), 64),
+    "B-16": ClipConfig(_tower(768, 12, 12, 2048, 16, 224, 512, **_BL), TextConfig(512, 8, 12), 512),
+    "L-14": ClipConfig(_tower(1024, 24, 16, 2730, 14, 224, 768, **_BL), TextConfig(768, 12, 12), 768),
+    "L-14-336": ClipConfig(_tower(1024, 24, 16, 2730, 14, 336, 768, **_BL), TextConfig(768, 12, 12), 768),
+    "E-14": ClipConfig(_tower(1792, 64, 16, 15360, 14, 224, 1024, **_E), TextConfig(1024, 16, 24), 1024),
+    "E-14-plus": ClipConfig(_tower(1792, 64, 16, 15360, 14, 224, 1024, **_E), TextConfig(1280, 20, 32), 1024),
+}
