@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from eva02.model.config import Eva02Config
+from eva02.model.clip import Eva02Clip
+from eva02.model.config import ClipConfig, Eva02Config
 from eva02.model.vit import Eva02
 
 aten = torch.ops.aten
@@ -195,3 +196,19 @@ def mmpretrain_macs(cfg: Eva02Config, img_size: int | None = None) -> int:
     if cfg.num_classes:
         return ours - cfg.dim * cfg.num_classes
     return ours - 5 * (1 + cfg.grid**2) * cfg.dim
+
+
+@functools.lru_cache(maxsize=16)
+def count_clip(cfg: ClipConfig) -> dict[str, int]:
+    """Parameters and MACs of each tower of an EVA-02-CLIP: the image tower at its input size, the text
+    tower on one text of full context length (77 tokens). `params` is the whole model (+ logit_scale)."""
+    with torch.device("meta"):
+        model = Eva02Clip(cfg)
+    ids = torch.zeros(1, cfg.text.context_length, dtype=torch.long, device="meta")
+    return {
+        "params": count_params(model),
+        "image_params": count_params(model.visual),
+        "text_params": count_params(model.text),
+        "image_macs": count_macs(cfg.vision),
+        "text_macs": _count(model.text, ids).total,
+    }

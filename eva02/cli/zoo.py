@@ -18,8 +18,8 @@ from eva02.cli import CliError
 from eva02.cli.options import add_model, model_arg, zoo_entry
 
 if TYPE_CHECKING:
-    from eva02.model.config import Eva02Config
-    from eva02.weights.zoo import ZooEntry
+    from eva02.model.config import Eva02Config, TextConfig
+    from eva02.weights.zoo import ClipEntry, ZooEntry
 
 _COUNTERS = ("count_params", "count_flops", "mmpretrain_params", "mmpretrain_macs")
 
@@ -39,13 +39,19 @@ def _counter(name: str):
     return globals()[name] if name in globals() else __getattr__(name)
 
 
+def _mlp_params(D: int, H: int, cfg: Eva02Config) -> int:
+    if cfg.mlp == "gelu":
+        return D * H + H + H * D + D  # fc_in, fc_out
+    return D * 2 * H + 2 * H + H * D + D + (2 * H if cfg.sub_ln else 0)  # w12, w3, sub-LN
+
+
 def arch_params(cfg: Eva02Config) -> int:
     """Parameters of `Eva02(cfg)` by formula (what `eva02.flops.count_params` counts on the module)."""
     D, H, p = cfg.dim, cfg.mlp_hidden, cfg.patch_size
     block = 4 * D + 3 * D * D + 2 * D + D * D + D  # norm1, norm2; qkv weight, q and v bias; proj
-    block += D * 2 * H + 2 * H + H * D + D + (2 * H if cfg.sub_ln else 0)  # w12, w3, sub-LN
+    block += (2 * D if cfg.attn_norm else 0) + _mlp_params(D, H, cfg)  # the CLIP inner norm; the MLP
     stem = cfg.in_chans * p * p * D + D + D + (1 + cfg.grid**2) * D  # patch embedding, cls, pos_embed
-    head = 2 * D + (D * cfg.num_classes + cfg.num_classes)  # final norm or fc_norm; classifier
+    head = 2 * D + (D * cfg.num_classes + cfg.num_classes)  # final norm or fc_norm; classifier/projection
     return stem + cfg.depth * block + head
 
 
@@ -54,10 +60,31 @@ def arch_macs(cfg: Eva02Config) -> int:
     D, H, N = cfg.dim, cfg.mlp_hidden, cfg.grid**2
     T = 1 + N  # tokens, cls included
     block = 2 * 5 * T * D + T * D * 3 * D + 2 * T * T * D + T * D * D  # norms; qkv; q k^T and attn v; proj
-    block += T * D * 2 * H + T * H * D + (5 * T * H if cfg.sub_ln else 0)  # w12, w3, sub-LN
+    block += 5 * T * D if cfg.attn_norm else 0  # the CLIP towers' inner attention norm
+    if cfg.mlp == "gelu":
+        block += 2 * T * D * H  # fc_in, fc_out
+    else:
+        block += T * D * 2 * H + T * H * D + (5 * T * H if cfg.sub_ln else 0)  # w12, w3, sub-LN
     stem = N * D * cfg.in_chans * cfg.patch_size**2  # the patch convolution
-    head = 5 * D + D * cfg.num_classes if cfg.num_classes else 5 * T * D  # fc_norm + head, or final norm
+    if cfg.pool == "token":  # per-token final norm, then the class token's projection
+        head = 5 * T * D + D * cfg.num_classes
+    else:  # fc_norm + head, or the headless final norm
+        head = 5 * D + D * cfg.num_classes if cfg.num_classes else 5 * T * D
     return stem + cfg.depth * block + head
+
+
+def text_params(cfg: TextConfig, embed_dim: int) -> int:
+    """Parameters of the CLIP text tower by formula (what `eva02.flops.count_clip` counts)."""
+    W, H = cfg.width, cfg.mlp_hidden
+    block = 4 * W + 3 * W * W + 3 * W + W * W + W + W * H + H + H * W + W  # norms; qkv; proj; MLP
+    return cfg.vocab_size * W + cfg.context_length * W + cfg.layers * block + 2 * W + W * embed_dim
+
+
+def text_macs(cfg: TextConfig, embed_dim: int) -> int:
+    """Multiply-adds of the text tower on one text of full context length (attention counted in full)."""
+    W, H, T = cfg.width, cfg.mlp_hidden, cfg.context_length
+    block = 2 * 5 * T * W + T * W * 3 * W + 2 * T * T * W + T * W * W + 2 * T * W * H
+    return cfg.layers * block + 5 * T * W + W * embed_dim
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -122,17 +149,64 @@ def matching(pattern: str | None) -> list[ZooEntry]:
     return [e for e in ZOO.values() if any(hit(s) for s in (e.name, *e.aliases))]
 
 
+def matching_clip(pattern: str | None) -> list[ClipEntry]:
+    """The EVA-02-CLIP entries that `pattern` selects, as `matching` does for the classifiers."""
+    from eva02.weights.zoo import CLIP_ZOO
+
+    if not pattern:
+        return list(CLIP_ZOO.values())
+    pat = pattern.strip().lower()
+    glob = any(c in pat for c in "*?[")
+    return [
+        e
+        for e in CLIP_ZOO.values()
+        if any((fnmatch.fnmatchcase(s.lower(), pat) if glob else pat in s.lower()) for s in (e.name, *e.aliases))
+    ]
+
+
+def clip_row(e: ClipEntry) -> dict[str, Any]:
+    """One EVA-02-CLIP model's summary: per-tower parameters and MACs, the reported zero-shot top-1."""
+    cfg = e.cfg
+    image, text = arch_params(cfg.vision), text_params(cfg.text, cfg.embed_dim)
+    return {
+        "name": e.name,
+        "task": e.task,
+        "params": image + text + 1,  # + logit_scale
+        "image_params": image,
+        "text_params": text,
+        "flops": arch_macs(cfg.vision),
+        "text_flops": text_macs(cfg.text, cfg.embed_dim),
+        "img_size": cfg.vision.img_size,
+        "zero_shot_top1": e.zero_shot_top1,
+    }
+
+
+def _print_table(head: tuple[str, ...], table: list[tuple[str, ...]], left: int) -> None:
+    table = [head, *table]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        cells = [c.ljust(w) for c, w in zip(row[:left], widths[:left], strict=True)]
+        cells += [c.rjust(w) for c, w in zip(row[left:], widths[left:], strict=True)]
+        print("  ".join(cells).rstrip())
+
+
 def _list(args: argparse.Namespace) -> int:
-    entries = matching(args.pattern)
-    if not entries:
+    entries, clips = matching(args.pattern), matching_clip(args.pattern)
+    if not entries and not clips:
         print(f"no model name contains or matches '{args.pattern}'; `eva02 list` shows them all", file=sys.stderr)
         return 1
     rows = [list_row(e) for e in entries]
+    clip_rows = [clip_row(e) for e in clips]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + clip_rows, indent=2))
         return 0
+    if clip_rows:
+        _print_clip_table(clip_rows, after=bool(rows))
+        if not rows:
+            print("FLOPs are multiply-adds (MACs), the text tower's on one 77-token text; see docs/clip.md.")
+            return 0
     head = ("name", "task", "params (M)", "FLOPs (G)", "input", "top-1", "top-5")
-    table = [head] + [
+    table = [
         (
             r["name"],
             r["task"],
@@ -144,19 +218,42 @@ def _list(args: argparse.Namespace) -> int:
         )
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    for row in table:
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
-        cells += [c.rjust(w) for c, w in zip(row[2:], widths[2:], strict=True)]
-        print("  ".join(cells).rstrip())
+    _print_table(head, table, left=2)
     print("FLOPs are multiply-adds (MACs), as the page's Flops column; see docs/zoo.md.")
+    if clip_rows:
+        print()
+        _print_clip_table(clip_rows, after=True)
     return 0
+
+
+def _print_clip_table(rows: list[dict[str, Any]], after: bool) -> None:
+    if after:
+        print("EVA-02-CLIP (zero-shot ImageNet-1k top-1 as reported; FLOPs of the text tower on one 77-token text):")
+    head = ("name", "image params (M)", "text params (M)", "image FLOPs (G)", "text FLOPs (G)", "input", "zero-shot")
+    table = [
+        (
+            r["name"],
+            f"{r['image_params'] / 1e6:.2f}",
+            f"{r['text_params'] / 1e6:.2f}",
+            f"{r['flops'] / 1e9:.2f}",
+            f"{r['text_flops'] / 1e9:.2f}",
+            str(r["img_size"]),
+            _fmt(r["zero_shot_top1"], 1),
+        )
+        for r in rows
+    ]
+    _print_table(head, table, left=1)
 
 
 def _info(args: argparse.Namespace) -> int:
     name = model_arg(args)
     if name is None:
         raise CliError("which model? give -m/--model NAME (`eva02 list` shows the names)")
+    from eva02.weights.zoo import find_clip
+
+    clip = find_clip(name)
+    if clip is not None:
+        return _info_clip(clip, args)
     entry = zoo_entry(name)
     ps = entry.cfg.patch_size
     if args.img_size is not None and (args.img_size <= 0 or args.img_size % ps):
@@ -188,6 +285,61 @@ def _info(args: argparse.Namespace) -> int:
         lines.append(f"        verified by: {s['verified_by']}")
     if info["notes"]:
         lines.append(f"  notes:       {info['notes']}")
+    print("\n".join(lines))
+    return 0
+
+
+def clip_info(e: ClipEntry) -> dict[str, Any]:
+    """Everything known about an EVA-02-CLIP entry, as JSON-ready data (counts from `eva02.flops.count_clip`)."""
+    from eva02.flops import count_clip
+    from eva02.weights.download import verification
+
+    counts = count_clip(e.cfg)
+    return {
+        "name": e.name,
+        "task": e.task,
+        "aliases": list(e.aliases),
+        "pretrain_data": e.pretrain_data,
+        "config": e.cfg.to_dict(),
+        **counts,
+        "img_size": e.cfg.vision.img_size,
+        "preprocess": asdict(e.preprocess),
+        "sources": [{**asdict(s), "verified_by": verification(s)} for s in e.sources],
+        "zero_shot_top1": e.zero_shot_top1,
+        "notes": e.notes,
+    }
+
+
+def _info_clip(e: ClipEntry, args: argparse.Namespace) -> int:
+    if args.img_size is not None:
+        raise CliError(
+            f"--img-size applies to the classifiers; {e.name} is counted at its own {e.cfg.vision.img_size} px"
+        )
+    info = clip_info(e)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    v, t, p = info["config"]["vision"], info["config"]["text"], info["preprocess"]
+    layout = ", ".join(
+        f for f, on in (("inner attention norm", v["attn_norm"]), ("sub-LN", v["sub_ln"]),
+                        ("post-norm", v["post_norm"]), ("RoPE", v["rope"])) if on
+    )  # fmt: skip
+    lines = [
+        f"{info['name']}  (EVA-02-CLIP, trained on {info['pretrain_data']})",
+        f"  aliases:     {', '.join(info['aliases'])}",
+        f"  image tower: dim {v['dim']}, depth {v['depth']}, heads {v['heads']}, {v['mlp']} mlp {v['mlp_hidden']}, "
+        f"patch {v['patch_size']}, img {v['img_size']}; {layout}",
+        f"  text tower:  width {t['width']}, layers {t['layers']}, heads {t['heads']}, context {t['context_length']}",
+        f"  joint space: {info['config']['embed_dim']}",
+        f"  params:      {info['params']:,} (image {info['image_params']:,}, text {info['text_params']:,})",
+        f"  MACs:        image {info['image_macs']:,} at {info['img_size']} px ({info['image_macs'] / 1e9:.2f} G); "
+        f"text {info['text_macs']:,} per 77-token text ({info['text_macs'] / 1e9:.2f} G)",
+        f"  zero-shot:   ImageNet-1k top-1 {_fmt(info['zero_shot_top1'], 1)} (reported, 80 prompt templates)",
+        f"  preprocess:  {p['img_size']} px, crop_pct {p['crop_pct']}, {p['crop_mode']}, {p['interpolation']}",
+        "  sources:",
+    ]
+    for s in info["sources"]:
+        lines += [f"    [{s['kind']}] {s['url']}", f"        verified by: {s['verified_by']}"]
     print("\n".join(lines))
     return 0
 

@@ -109,3 +109,94 @@ VARIANTS: dict[str, Eva02Config] = {
     "base": _size(768, 12, 12, sub_ln=True),
     "large": _size(1024, 24, 16, sub_ln=True),
 }
+
+
+# ------------------------------------------------------------------------------- EVA-02-CLIP
+@dataclass(frozen=True)
+class TextConfig:
+    """The CLIP text transformer: width, heads and depth; BPE vocabulary and context of CLIP's tokenizer."""
+
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    vocab_size: int = 49408
+    context_length: int = 77
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{n} must be positive"
+            for n in ("width", "heads", "layers", "vocab_size", "context_length")
+            if getattr(self, n) <= 0
+        ]
+        if not problems and self.width % self.heads:
+            problems.append(f"width={self.width} is not divisible by heads={self.heads}")
+        if problems:
+            raise ValueError("invalid TextConfig: " + "; ".join(problems))
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    def replace(self, **changes: Any) -> TextConfig:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """An image tower (`vision.num_classes` is the joint-space width), a text tower, the joint width."""
+
+    vision: Eva02Config
+    text: TextConfig
+    embed_dim: int
+
+    def __post_init__(self) -> None:
+        if self.vision.pool != "token" or self.vision.num_classes != self.embed_dim:
+            raise ValueError(
+                "invalid ClipConfig: the image tower must pool the class token and project to embed_dim "
+                f"(pool={self.vision.pool!r}, num_classes={self.vision.num_classes}, embed_dim={self.embed_dim})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"vision": self.vision.to_dict(), "text": asdict(self.text), "embed_dim": self.embed_dim}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClipConfig:
+        unknown = sorted(set(d) - {"vision", "text", "embed_dim"})
+        text_keys = {f.name for f in fields(TextConfig)}
+        unknown += sorted(f"text.{k}" for k in set(d.get("text", {})) - text_keys)
+        if unknown:
+            raise ValueError(f"unknown ClipConfig keys {unknown}")
+        return cls(Eva02Config.from_dict(d["vision"]), TextConfig(**d["text"]), int(d["embed_dim"]))
+
+    def replace(self, **changes: Any) -> ClipConfig:
+        return replace(self, **changes)
+
+
+def _tower(dim: int, depth: int, heads: int, hidden: int, patch: int, img: int, embed: int, **kw: Any) -> Eva02Config:
+    return Eva02Config(
+        dim=dim,
+        depth=depth,
+        heads=heads,
+        mlp_hidden=hidden,
+        patch_size=patch,
+        img_size=img,
+        num_classes=embed,
+        pool="token",
+        **kw,
+    )
+
+
+# B and L: the EVA-02 blocks with sub-LN and the inner attention norm. E: 64 post-norm blocks with a
+# GELU MLP (15360 = 1792 * 60/7), no RoPE. Every tower keeps RoPE's 16x16 reference grid.
+_BL = dict(sub_ln=True, attn_norm=True)
+_E = dict(mlp="gelu", post_norm=True, rope=False)
+CLIP_VARIANTS: dict[str, ClipConfig] = {
+    "test": ClipConfig(_tower(128, 2, 2, 341, 14, 56, 64, **_BL), TextConfig(64, 2, 2), 64),
+    "B-16": ClipConfig(_tower(768, 12, 12, 2048, 16, 224, 512, **_BL), TextConfig(512, 8, 12), 512),
+    "L-14": ClipConfig(_tower(1024, 24, 16, 2730, 14, 224, 768, **_BL), TextConfig(768, 12, 12), 768),
+    "L-14-336": ClipConfig(_tower(1024, 24, 16, 2730, 14, 336, 768, **_BL), TextConfig(768, 12, 12), 768),
+    "E-14": ClipConfig(_tower(1792, 64, 16, 15360, 14, 224, 1024, **_E), TextConfig(1024, 16, 24), 1024),
+    "E-14-plus": ClipConfig(_tower(1792, 64, 16, 15360, 14, 224, 1024, **_E), TextConfig(1280, 20, 32), 1024),
+}

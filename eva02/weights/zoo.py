@@ -20,7 +20,7 @@ import difflib
 import fnmatch
 from dataclasses import dataclass, field
 
-from eva02.model.config import VARIANTS, Eva02Config
+from eva02.model.config import CLIP_VARIANTS, VARIANTS, ClipConfig, Eva02Config
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -352,3 +352,92 @@ def list_models(pattern: str | None = None) -> list[str]:
         return list(ZOO)
     pat = pattern.strip().lower()
     return [n for n in ZOO if fnmatch.fnmatchcase(n.lower(), pat)]
+
+
+# ------------------------------------------------------------------------------- EVA-02-CLIP
+# Names are BAAI's model-config names (`EVA02-CLIP-B-16`, ...); open_clip's names (with or without its
+# pretrained tag), timm's hub names and BAAI's file names are aliases. Weights: open_clip's copies on the
+# hub (`timm/<tower>.<tag>`, open_clip's state dict), then BAAI's EVA-CLIP files (`QuanSun/EVA-CLIP`).
+# zero_shot_top1: BAAI's reported ImageNet-1k zero-shot top-1 (80 prompt templates).
+@dataclass(frozen=True)
+class ClipEntry:
+    """One named EVA-02-CLIP model."""
+
+    name: str
+    cfg: ClipConfig
+    preprocess: Preprocess
+    sources: tuple[WeightSource, ...] = ()
+    aliases: tuple[str, ...] = ()
+    pretrain_data: str = ""
+    zero_shot_top1: float | None = None  # BAAI's reported ImageNet-1k zero-shot top-1
+    notes: str = ""
+    official_ema: bool = False  # (the loaders' interface; CLIP files hold one weight set)
+
+    @property
+    def task(self) -> str:
+        return "clip"
+
+
+def _open_clip(tower: str, tag: str) -> WeightSource:
+    url = f"https://huggingface.co/timm/{tower}.{tag}/resolve/main/open_clip_pytorch_model.bin"
+    return WeightSource("open_clip", url, f"{tower}.{tag}.open_clip.bin", fmt="open_clip")
+
+
+def _baai(file: str) -> WeightSource:
+    return WeightSource(
+        "official", f"https://huggingface.co/QuanSun/EVA-CLIP/resolve/main/{file}", file, fmt="eva_clip"
+    )
+
+
+def _entry(name, variant, oc_name, tag, tower, file, data, top1) -> ClipEntry:
+    cfg = CLIP_VARIANTS[variant]
+    return ClipEntry(
+        name=name,
+        cfg=cfg,
+        preprocess=Preprocess(img_size=cfg.vision.img_size),  # open_clip: shortest side, bicubic, center crop
+        sources=(_open_clip(tower, tag), _baai(file)),
+        aliases=(oc_name, f"{oc_name}/{tag}", f"{oc_name}.{tag}", f"{tower}.{tag}", file.rsplit(".", 1)[0]),
+        pretrain_data=data,
+        zero_shot_top1=top1,
+    )
+
+
+_CLIP_ENTRIES = (
+    _entry("EVA02-CLIP-B-16", "B-16", "EVA02-B-16", "merged2b_s8b_b131k", "eva02_base_patch16_clip_224",
+           "EVA02_CLIP_B_psz16_s8B.pt", "merged-2b", 74.7),
+    _entry("EVA02-CLIP-L-14", "L-14", "EVA02-L-14", "merged2b_s4b_b131k", "eva02_large_patch14_clip_224",
+           "EVA02_CLIP_L_psz14_s4B.pt", "merged-2b", 79.8),
+    _entry("EVA02-CLIP-L-14-336", "L-14-336", "EVA02-L-14-336", "merged2b_s6b_b61k", "eva02_large_patch14_clip_336",
+           "EVA02_CLIP_L_336_psz14_s6B.pt", "merged-2b", 80.4),
+    _entry("EVA02-CLIP-bigE-14", "E-14", "EVA02-E-14", "laion2b_s4b_b115k", "eva02_enormous_patch14_clip_224",
+           "EVA02_CLIP_E_psz14_s4B.pt", "laion-2b", 81.9),
+    _entry("EVA02-CLIP-bigE-14-plus", "E-14-plus", "EVA02-E-14-plus", "laion2b_s9b_b144k",
+           "eva02_enormous_patch14_plus_clip_224", "EVA02_CLIP_E_psz14_plus_s9B.pt", "laion-2b", 82.0),
+)  # fmt: skip
+
+CLIP_ZOO: dict[str, ClipEntry] = {e.name: e for e in _CLIP_ENTRIES}
+_CLIP_LOOKUP = {**{n.lower(): n for n in CLIP_ZOO}, **{a.lower(): e.name for e in _CLIP_ENTRIES for a in e.aliases}}
+
+
+def find_clip(name: str) -> ClipEntry | None:
+    """The CLIP entry of a name or alias (case-insensitive), or None."""
+    key = _CLIP_LOOKUP.get(name.strip().lower())
+    return CLIP_ZOO[key] if key else None
+
+
+def resolve_clip(name: str) -> ClipEntry:
+    """The CLIP entry of a name or alias; ValueError with the closest names otherwise."""
+    entry = find_clip(name)
+    if entry is not None:
+        return entry
+    spelled = {n.lower(): n for n in CLIP_ZOO} | {a.lower(): a for e in _CLIP_ENTRIES for a in e.aliases}
+    close = difflib.get_close_matches(name.strip().lower(), list(spelled), n=3, cutoff=0.0)
+    raise ValueError(
+        f"unknown CLIP model {name!r}; closest: {', '.join(spelled[c] for c in close)} (run `eva02 list clip`)"
+    )
+
+
+def list_clip_models(pattern: str | None = None) -> list[str]:
+    if not pattern:
+        return list(CLIP_ZOO)
+    return [n for n in CLIP_ZOO if fnmatch.fnmatchcase(n.lower(), pattern.strip().lower())]
