@@ -313,3 +313,20 @@ def test_zoo_names_and_figures() -> None:
     with pytest.raises(ValueError, match="closest"):
         resolve_clip("EVA02-CLIP-B-61")
     assert math.isclose(CLIP_VARIANTS["E-14"].vision.mlp_hidden / 1792, 60 / 7)
+
+
+# ------------------------------------------------------------------------------------ MIM teacher
+@pytest.mark.parametrize("variant", ["B-16", "E-14"])
+def test_clip_tower_teacher_equals_open_clip_teacher(variant: str) -> None:
+    """Our tower as the frozen MIM teacher gives open_clip's teacher targets, without open_clip at run time."""
+    from eva02.model.teacher import ClipTowerTeacher, OpenClipTeacher
+
+    torch.manual_seed(4)
+    cfg = shrink(variant, depth=2, width=128)
+    ref = open_clip_model(variant, cfg)
+    theirs = OpenClipTeacher(ref.visual, amp_dtype=None)
+    ours = ClipTowerTeacher(_load(ref, cfg).visual, amp_dtype=None)
+    assert ours.out_dim == theirs.out_dim == cfg.embed_dim
+    x = torch.randn(2, 3, 196, 196)  # a student input of another size: both resize to the tower's own
+    for grid in ((16, 16), (14, 14)):
+        torch.testing.assert_close(ours(x, grid), theirs(x, grid), atol=1e-5, rtol=1e-5)

@@ -5,6 +5,7 @@ vision tower's final-norm patch tokens through its projection, computed without 
 autocast. Supported teachers:
 - `Eva02Teacher`: any `Eva02` of ours (zoo weights or a checkpoint file): final-norm patch tokens
   (headless `norm`, or a classifier's `fc_norm` applied per token), optionally through a linear map;
+- `ClipTowerTeacher`: the image tower of one of our EVA-02-CLIP models (no open_clip needed);
 - `OpenClipTeacher`: an open_clip EVA-CLIP image tower (EVA02-CLIP-B/16, L/14, EVA01-CLIP-g/14, ...),
   i.e. a timm `Eva` trunk whose classifier head is the CLIP projection; `open_clip` is imported lazily.
 Teacher and student grids may differ (e.g. a p16 teacher for a p14 student): the teacher's feature map is
@@ -101,6 +102,24 @@ class Eva02Teacher(FrozenTeacher):
         if model.is_classifier:
             tokens = model.fc_norm(tokens)  # classifiers have no per-token norm; their pooled LN stands in
         return self.net["proj"](tokens), grid
+
+
+class ClipTowerTeacher(FrozenTeacher):
+    """The image tower of one of our EVA-02-CLIP models (`Eva02Clip.visual`): final-norm patch tokens
+    through the tower's projection into the joint space, at the tower's own input size, as open_clip's
+    towers give them (`OpenClipTeacher`), without open_clip."""
+
+    def __init__(self, visual: Eva02, amp_dtype: torch.dtype | None = torch.bfloat16):
+        if visual.cfg.pool != "token" or not visual.is_classifier:
+            raise ValueError("a CLIP tower teacher needs an Eva02 with class-token pooling and a projection head")
+        size = (visual.cfg.img_size, visual.cfg.img_size)
+        super().__init__(nn.ModuleDict({"model": visual}), visual.cfg.num_classes, size, amp_dtype)
+
+    def patch_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        model: Eva02 = self.net["model"]
+        grid = model.grid_of(x)
+        tokens = model.forward_features(x)[:, 1:]  # (B, N, D) after the per-token final norm
+        return model.head(tokens), grid  # (B, N, E)
 
 
 class OpenClipTeacher(FrozenTeacher):

@@ -25,7 +25,14 @@ from eva02.data.masking import BlockMaskGenerator
 from eva02.engine.tasks.base import build_eva02, model_config
 from eva02.model import Eva02
 from eva02.model.mim import Eva02MIM, backbone_state_dict, cosine_loss
-from eva02.model.teacher import Eva02Teacher, FrozenTeacher, build_open_clip_teacher, import_open_clip
+from eva02.model.teacher import (
+    ClipTowerTeacher,
+    Eva02Teacher,
+    FrozenTeacher,
+    build_open_clip_teacher,
+    import_open_clip,
+)
+from eva02.weights.clip import get_clip
 from eva02.weights.download import DownloadError, cached_path, download
 from eva02.weights.load import get_model
 from eva02.weights.zoo import WeightSource
@@ -124,11 +131,19 @@ def collate_masked(items: list) -> dict[str, Any]:
 
 
 def build_teacher(m: MimCfg) -> FrozenTeacher:
-    """The frozen teacher of a run: an open_clip EVA-CLIP tower, or one of our models / checkpoints."""
+    """The frozen teacher of a run: an open_clip EVA-CLIP tower, our EVA-02-CLIP image tower, or one of our
+    models / checkpoints."""
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[m.teacher_amp]
     if m.teacher_kind == "open_clip":
         return build_open_clip_teacher(m.teacher_name, open_clip_weights(m.teacher_name, m.teacher_pretrained), amp)
     p = m.teacher_pretrained
+    if m.teacher_kind == "eva02_clip":  # our EVA-02-CLIP image tower: a zoo name (or alias), or our CLIP file
+        if Path(m.teacher_name).is_file():
+            return ClipTowerTeacher(get_clip(None, pretrained=m.teacher_name).visual, amp_dtype=amp)
+        if p and p != "pretrained" and not Path(p).is_file():
+            raise FileNotFoundError(f"mim.teacher_pretrained {p!r}: no such file; give a CLIP file or 'pretrained'")
+        clip = get_clip(m.teacher_name, pretrained=(True if p == "pretrained" else p) if p else False)
+        return ClipTowerTeacher(clip.visual, amp_dtype=amp)
     if p and p != "pretrained" and not Path(p).is_file():
         raise FileNotFoundError(f"mim.teacher_pretrained {p!r}: no such file; give a checkpoint path or 'pretrained'")
     if Path(m.teacher_name).is_file():  # one of our checkpoints, architecture from its metadata
