@@ -58,3 +58,16 @@ def test_list_still_needs_no_torch() -> None:
     code = "import sys; from eva02.cli import main; main(['list', 'clip']); assert 'torch' not in sys.modules"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_readme_clip_table_is_current() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("zoo_table", root / "tools" / "zoo_table.py")
+    zt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zt)
+    table = zt.make_clip_table()
+    assert table in (root / "README.md").read_text()
+    assert len(table.splitlines()) == 2 + len(CLIP_ZOO) and "| 82.0 |" in table
