@@ -330,3 +330,54 @@ def test_clip_tower_teacher_equals_open_clip_teacher(variant: str) -> None:
     x = torch.randn(2, 3, 196, 196)  # a student input of another size: both resize to the tower's own
     for grid in ((16, 16), (14, 14)):
         torch.testing.assert_close(ours(x, grid), theirs(x, grid), atol=1e-5, rtol=1e-5)
+
+
+def test_pretrained_true_downloads_verifies_and_caches(tmp_path, monkeypatch) -> None:
+    """`get_clip(name, pretrained=True)` through the real download code, from a local HTTP server."""
+    import dataclasses
+    import hashlib
+    import http.server
+    import io
+    import threading
+
+    from eva02.weights.zoo import WeightSource
+
+    torch.manual_seed(5)
+    cfg = shrink("B-16", depth=1, width=128)
+    ref = open_clip_model("B-16", cfg)
+    buf = io.BytesIO()
+    torch.save(ref.state_dict(), buf)
+    body = buf.getvalue()
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # a free port
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_port}/open_clip_pytorch_model.bin"
+        src = WeightSource("open_clip", url, "tiny_clip.bin", sha256=hashlib.sha256(body).hexdigest(), fmt="open_clip")
+        entry = dataclasses.replace(CLIP_ZOO["EVA02-CLIP-B-16"], cfg=cfg, sources=(src,))
+        monkeypatch.setenv("EVA02_HOME", str(tmp_path / "home"))
+        a = get_clip(entry, pretrained=True)
+        b = get_clip(entry, pretrained=True)  # from the cache: no second request
+        assert len(hits) == 1 and (tmp_path / "home" / "tiny_clip.bin").is_file()
+        bad = dataclasses.replace(entry, sources=(dataclasses.replace(src, sha256="0" * 64, filename="bad.bin"),))
+        with pytest.raises(OSError, match="sha256"):
+            get_clip(bad, pretrained=True)
+        assert not (tmp_path / "home" / "bad.bin").exists()
+    finally:
+        httpd.shutdown()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(a.encode_image(x), ref.encode_image(x), atol=1e-5, rtol=1e-5)
+        assert torch.equal(a.encode_image(x), b.encode_image(x))
