@@ -116,8 +116,9 @@ def embed_texts(clip: Eva02Clip, texts: Sequence[str]) -> torch.Tensor:
     return clip.encode_text(ids, normalize=True).float().cpu()
 
 
-def model_info(clip: Eva02Clip, preprocess: Preprocess | None = None, name: str | None = None,
-               checkpoint: PathLike | None = None) -> dict[str, Any]:  # fmt: skip
+def model_info(
+    clip: Eva02Clip, preprocess: Preprocess | None = None, name: str | None = None, checkpoint: PathLike | None = None
+) -> dict[str, Any]:
     """What an index records of its model: how to load it again, and what identifies it."""
     pre = preprocess or clip_preprocess(clip)
     probe = embed_batch(clip, eval_transform(pre)(_probe_image())[None])[0]  # (E,), always fp32
@@ -174,8 +175,9 @@ def list_images(folder: PathLike) -> list[FileRow]:
     return rows
 
 
-def _write_safetensors(tmp: str, tensors: list[tuple[str, torch.dtype, tuple[int, ...], Iterable[torch.Tensor]]],
-                       metadata: dict[str, str]) -> None:  # fmt: skip
+def _write_safetensors(
+    tmp: str, tensors: list[tuple[str, torch.dtype, tuple[int, ...], Iterable[torch.Tensor]]], metadata: dict[str, str]
+) -> None:
     """Write a safetensors file whose tensors arrive in chunks (the format: little-endian u64 header size,
     the JSON header padded with spaces to 8 bytes, then each tensor's bytes in header order)."""
     header: dict[str, Any] = {"__metadata__": metadata}
@@ -264,8 +266,14 @@ class ImageIndex:
         out = [emb[rows[(rows >= s) & (rows < s + len(emb))] - s] for s, emb in self.chunks()]
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
-    def search(self, queries: torch.Tensor, topk: int = 10, ann: Any = None, nprobe: int | None = None,
-               chunk_rows: int = CHUNK_ROWS) -> list[list[Hit]]:  # fmt: skip
+    def search(
+        self,
+        queries: torch.Tensor,
+        topk: int = 10,
+        ann: Any = None,
+        nprobe: int | None = None,
+        chunk_rows: int = CHUNK_ROWS,
+    ) -> list[list[Hit]]:
         """The `topk` rows of highest cosine similarity for each query embedding (Q, E): exact, or through
         a faiss index from `build_ann`/`load_ann` (`nprobe`: IVF lists visited per query)."""
         q = F.normalize(queries.float().reshape(-1, self.dim), dim=-1)  # (Q, E)
@@ -293,8 +301,9 @@ def load_index(path: PathLike) -> ImageIndex:
     return ImageIndex(path)
 
 
-def write_index(path: PathLike, embeddings: torch.Tensor, rows: Sequence[FileRow], root: PathLike,
-                model: dict[str, Any]) -> ImageIndex:  # fmt: skip
+def write_index(
+    path: PathLike, embeddings: torch.Tensor, rows: Sequence[FileRow], root: PathLike, model: dict[str, Any]
+) -> ImageIndex:
     """Write an index from embeddings (N, E) in memory (normalised here, stored fp16), atomically."""
     emb = F.normalize(embeddings.float(), dim=-1).half()
     tensors = [("embeddings", torch.float16, tuple(emb.shape), [emb]), *_row_tensors(rows)]
@@ -446,8 +455,15 @@ def build_index(
         reused = len(listing) - len(todo)
         if parts.files:
             log(f"continuing the unfinished build in {parts.dir}: {reused} of {len(listing)} images are done")
-        bar = tqdm(total=len(listing), initial=reused, desc="index", unit="img", file=sys.stderr,
-                   disable=None if progress and len(todo) > batch_size else True, leave=False)  # fmt: skip
+        bar = tqdm(
+            total=len(listing),
+            initial=reused,
+            desc="index",
+            unit="img",
+            file=sys.stderr,
+            disable=None if progress and len(todo) > batch_size else True,
+            leave=False,
+        )
         try:
             failed = _embed(clip, folder, todo, parts, pre, batch_size, save_every, workers, dtype, bar, on_error)
         finally:
@@ -501,8 +517,14 @@ def _embed(clip, folder, todo, parts, pre, batch_size, save_every, workers, dtyp
     return failed
 
 
-def _merge(out: Path, root: Path, info: dict[str, Any], base: ImageIndex | None,
-           parts: list[tuple[Path, list[FileRow]]], current: set[tuple[str, int, int]]) -> ImageIndex:  # fmt: skip
+def _merge(
+    out: Path,
+    root: Path,
+    info: dict[str, Any],
+    base: ImageIndex | None,
+    parts: list[tuple[Path, list[FileRow]]],
+    current: set[tuple[str, int, int]],
+) -> ImageIndex:
     """Write the index of the rows still current (parts win over the base), streaming, atomically."""
     seen: set[str] = set()
     chosen: list[tuple[Path, list[int]]] = []

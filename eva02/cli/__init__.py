@@ -16,7 +16,20 @@ from eva02 import hints
 from eva02.extras import MissingExtra
 
 # Subcommand modules, in the order their commands appear in `eva02 --help`.
-MODULES = ("zoo", "predict", "features", "convert", "train", "plot", "bench", "export", "pretrain", "serve", "explain")
+MODULES = (
+    "zoo",
+    "predict",
+    "features",
+    "convert",
+    "train",
+    "plot",
+    "bench",
+    "export",
+    "pretrain",
+    "serve",
+    "explain",
+    "clip",
+)
 
 
 class CliError(Exception):
