@@ -56,7 +56,7 @@ class _Section:
 class ModelCfg(_Section):
     """Which network to build and where its initial weights come from."""
 
-    name: str = "tiny"  # a zoo name of the reference page, or a variant of eva02.model.VARIANTS
+    name: str = "tiny"  # a zoo name of the reference page or of EVA-02-CLIP, or a variant of eva02.model.VARIANTS
     init: str = ""  # '' random init; 'pretrained': the zoo weights of `name`; otherwise a checkpoint path
     use_ema: bool | None = None  # which weights of an init checkpoint holding both (None: the loader's default)
     num_classes: int = 1000
@@ -165,8 +165,10 @@ class TrainCfg(_Section):
 class MimCfg(_Section):
     """Teacher and masking of a pre-training run (official recipe: EVA01-CLIP-g/14, 105 of 256 patches)."""
 
-    teacher_kind: str = "open_clip"  # 'open_clip' (EVA-CLIP towers) or 'eva02' (our models / checkpoints)
-    teacher_name: str = "EVA01-g-14"  # open_clip model name, or an eva02 zoo name / variant
+    # 'open_clip' (EVA-CLIP towers through open_clip), 'eva02_clip' (our EVA-02-CLIP image towers) or
+    # 'eva02' (our models / checkpoints)
+    teacher_kind: str = "open_clip"
+    teacher_name: str = "EVA01-g-14"  # open_clip model name, an EVA-02-CLIP name or file, or an eva02 zoo name
     # open_clip: a pretrained tag or a local file; eva02: '' random, 'pretrained' zoo weights, or a file
     teacher_pretrained: str = "laion400m_s11b_b41k"
     teacher_amp: str = "bf16"  # teacher autocast dtype on CUDA: 'bf16', 'fp16' or 'none'
@@ -175,6 +177,18 @@ class MimCfg(_Section):
     min_num: int = 16
     max_num: int = 0  # 0: no cap beyond num_masking
     min_aspect: float = 0.3
+
+
+@dataclass(frozen=True)
+class ClipCfg(_Section):
+    """Prompts for EVA-02-CLIP: zero-shot evaluation (train.task 'zero_shot') and the zero-shot head that
+    initialises a classifier fine-tuned from a CLIP model (model.name an EVA-02-CLIP name)."""
+
+    # 'imagenet': CLIP's 1000 ImageNet-1k names, by label index; a file with one name a line; '' the
+    # dataset's class names (data.class_names, else the class folders, '_' read as a space)
+    class_names: str = ""
+    # 'imagenet': the 80 CLIP prompt templates; a file with one template a line; or one template with {}
+    templates: str = "imagenet"
 
 
 @dataclass(frozen=True)
@@ -187,6 +201,7 @@ class RunConfig:
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     mim: MimCfg = field(default_factory=MimCfg)  # used when train.task == 'mim'
+    clip: ClipCfg = field(default_factory=ClipCfg)  # used with EVA-02-CLIP models
 
     def __post_init__(self) -> None:
         check_config(self)

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from eva02.engine.tasks import TASKS
 from eva02.model.config import VARIANTS
-from eva02.weights.zoo import resolve
+from eva02.weights.zoo import find_clip, resolve
 
 if TYPE_CHECKING:
     from eva02.engine.config import RunConfig
 
-TEACHER_KINDS = ("open_clip", "eva02")
+TEACHER_KINDS = ("open_clip", "eva02_clip", "eva02")
 
 
 class ConfigError(ValueError):
@@ -52,13 +52,18 @@ def _one_of(*options: str) -> Rule:
 
 def _known_model(name: str) -> bool:
     try:
-        return name in VARIANTS or bool(resolve(name))
+        return name in VARIANTS or find_clip(name) is not None or bool(resolve(name))
     except ValueError:
         return False
 
 
+def _templates(v: str) -> bool:
+    return v == "imagenet" or "{}" in v or v.endswith(".txt")
+
+
 RULES: dict[str, Rule] = {
     "model.name": (_known_model, f"a variant ({', '.join(VARIANTS)}) or a zoo name (see `eva02 list`)"),
+    "clip.templates": (_templates, "'imagenet', one template with {{}} for the class name, or a .txt file of them"),
     "model.num_classes": NON_NEGATIVE,  # 0: headless
     "model.img_size": POSITIVE,
     **dict.fromkeys(("model.patch_size", "model.depth", "model.dim", "model.heads", "model.mlp_hidden"), NON_NEGATIVE),
@@ -129,6 +134,10 @@ CROSS_RULES: list[tuple[str, Callable[[RunConfig], bool], str]] = [
     ("mim.min_num", lambda c: c.mim.min_num <= c.mim.num_masking, "a value <= mim.num_masking={cfg.mim.num_masking}"),
     ("mim.max_num", lambda c: c.mim.max_num == 0 or c.mim.max_num >= c.mim.min_num,
      "0 or a value >= mim.min_num={cfg.mim.min_num}"),
+    ("model.name", lambda c: c.train.task != "zero_shot" or find_clip(c.model.name) is not None,
+     "an EVA-02-CLIP name for train.task='zero_shot' (see `eva02 list clip`)"),
+    ("model.name", lambda c: c.train.task != "mim" or find_clip(c.model.name) is None,
+     "an EVA-02 name or variant: a CLIP model is no MIM student (use it as mim.teacher_kind='eva02_clip')"),
 ]  # fmt: skip
 
 

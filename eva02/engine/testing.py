@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader
 from eva02 import hints
 from eva02.data.datasets import EvalSampler, PaddedDataset, collate
 from eva02.engine import checkpoint as ckpt
-from eva02.engine.config import RunConfig
+from eva02.engine.config import RunConfig, override
 from eva02.engine.dist import init_distributed
 from eva02.engine.evaluate import evaluate_classifier
-from eva02.engine.tasks import MimTask, build_eva02
+from eva02.engine.tasks import MimTask, ZeroShotTask, build_eva02
 from eva02.engine.tasks.classify import build_val_dataset
 from eva02.weights.load import check_finite, load_checkpoint, save_checkpoint
 
@@ -41,15 +41,19 @@ def load_weights(cfg: RunConfig, checkpoint: str | os.PathLike, use_ema: bool | 
 def run_test(
     cfg: RunConfig, checkpoint: str, use_ema: bool | None = None, amp: torch.dtype | None = None, batch_size: int = 0
 ) -> tuple[dict[str, Any], list[str]]:
-    """Evaluate a classifier checkpoint on the config's validation split (torchrun-aware); returns
-    (metrics, class names)."""
+    """Evaluate a classifier checkpoint (or, for train.task='zero_shot', a CLIP checkpoint through its
+    zero-shot classifier) on the config's validation split (torchrun-aware); returns (metrics, class names)."""
     if not cfg.data.val_split:
         raise ValueError("data.val_split is empty: nothing to evaluate; set --cfg-options data.val_split=val")
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
     info = init_distributed()
     with hints.using(hints.CONFIG):  # loading errors name config fields (model.num_classes=N, ...)
-        model = load_weights(cfg, checkpoint, use_ema).to(info.device)
+        if cfg.train.task == "zero_shot":  # an EVA-02-CLIP file of any format, prompts from the config
+            run = override(cfg, {"model.init": str(checkpoint)}, "the checkpoint")
+            model = ZeroShotTask().build_model(run).to(info.device)
+        else:
+            model = load_weights(cfg, checkpoint, use_ema).to(info.device)
     val = build_val_dataset(cfg)
     sampler = EvalSampler(len(val), info.rank, info.world_size)
     bs = batch_size or cfg.data.eval_batch_size or cfg.data.batch_size

@@ -420,9 +420,15 @@ _CLIP_LOOKUP = {**{n.lower(): n for n in CLIP_ZOO}, **{a.lower(): e.name for e i
 
 
 def find_clip(name: str) -> ClipEntry | None:
-    """The CLIP entry of a name or alias (case-insensitive), or None."""
+    """The CLIP entry of a name or alias (case-insensitive), or None. `EVA02-CLIP-test` names the small
+    test architecture of `CLIP_VARIANTS` (random weights or a file only; not listed in the zoo)."""
     key = _CLIP_LOOKUP.get(name.strip().lower())
-    return CLIP_ZOO[key] if key else None
+    if key:
+        return CLIP_ZOO[key]
+    if name.strip().lower() == "eva02-clip-test":
+        cfg = CLIP_VARIANTS["test"]
+        return ClipEntry("EVA02-CLIP-test", cfg, Preprocess(img_size=cfg.vision.img_size))
+    return None
 
 
 def resolve_clip(name: str) -> ClipEntry:

@@ -27,17 +27,19 @@ from typing import TYPE_CHECKING
 from eva02.engine.tasks.base import Task, build_eva02, model_config
 from eva02.engine.tasks.classify import ClassificationTask, soft_cross_entropy
 from eva02.engine.tasks.mim import MimTask
+from eva02.engine.tasks.zero_shot import ZeroShotTask
 
 if TYPE_CHECKING:
     from eva02.engine.config import RunConfig
 
-__all__ = ["TASKS", "ClassificationTask", "MimTask", "Task", "build_eva02", "model_config", "soft_cross_entropy",
-           "task_for"]  # fmt: skip
+__all__ = ["TASKS", "ClassificationTask", "MimTask", "Task", "ZeroShotTask", "build_eva02", "model_config",
+           "soft_cross_entropy", "task_for"]  # fmt: skip
 
 # `train.task` name -> task class.
 TASKS: dict[str, type[Task]] = {
     "classify": ClassificationTask,  # fine-tuning a classifier (the default)
     "mim": MimTask,  # masked-image-modelling pre-training against a frozen teacher
+    "zero_shot": ZeroShotTask,  # EVA-02-CLIP zero-shot classification (evaluation only)
 }
 
 

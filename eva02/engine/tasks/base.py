@@ -9,9 +9,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from eva02.engine.tasks.zero_shot import init_from_clip
 from eva02.model import VARIANTS, Eva02, Eva02Config
+from eva02.weights.clip import get_clip
 from eva02.weights.load import get_model
-from eva02.weights.zoo import resolve
+from eva02.weights.zoo import find_clip, resolve
 
 if TYPE_CHECKING:  # the config imports the task table: tasks read a config, never import it at run time
     from eva02.engine.config import RunConfig
@@ -62,7 +64,11 @@ class Task(Protocol):
 def model_config(cfg: RunConfig) -> Eva02Config:
     """The Eva02Config of a run: the zoo entry's or variant's config with the run's overrides."""
     mc = cfg.model
-    base = VARIANTS[mc.name] if mc.name in VARIANTS else resolve(mc.name).cfg
+    clip = find_clip(mc.name)
+    if clip is not None:  # a classifier on an EVA-02-CLIP image tower (class-token pooling kept)
+        base = clip.cfg.vision
+    else:
+        base = VARIANTS[mc.name] if mc.name in VARIANTS else resolve(mc.name).cfg
     changes: dict[str, Any] = dict(
         num_classes=mc.num_classes, img_size=mc.img_size, drop_path=mc.drop_path, patch_grad_scale=mc.patch_grad_scale
     )
@@ -73,11 +79,15 @@ def model_config(cfg: RunConfig) -> Eva02Config:
 
 
 def build_eva02(cfg: RunConfig, load_init: bool = True) -> Eva02:
-    """Eva02 for the run; `model.init` weights loaded through the weights code (any known format)."""
+    """Eva02 for the run; `model.init` weights loaded through the weights code (any known format). From an
+    EVA-02-CLIP model (`model.name` a CLIP name), the image tower with the zero-shot head as classifier."""
     mc = cfg.model
     model = Eva02(model_config(cfg))
     if not (load_init and mc.init):
         return model
+    clip = find_clip(mc.name)
+    if clip is not None:  # the tower's weights, and the zero-shot head of the train classes
+        return init_from_clip(cfg, model, get_clip(clip, pretrained=True if mc.init == "pretrained" else mc.init))
     src_name: str | Eva02Config = mc.name if mc.name not in VARIANTS else model.cfg
     pretrained: bool | str = True if mc.init == "pretrained" else mc.init
     if mc.init == "pretrained" and mc.name in VARIANTS:
