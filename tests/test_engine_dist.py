@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file
 from test_engine_digits import config_text, write_digits
 
+from eva02.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,15 +26,27 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cfg: Path, wd: Path, nproc: int, *extra: str) -> None:
-    if nproc == 1:
-        cmd = [sys.executable, str(ROOT / "tools/train.py")]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_port()}", str(ROOT / "tools/train.py")]  # fmt: skip
-    res = subprocess.run([*cmd, str(cfg), "--work-dir", str(wd), *extra], capture_output=True, text=True,
-                         timeout=240)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+def _launch(cfg: Path, wd: Path, nproc: int, *extra: str) -> subprocess.Popen:
+    """`nproc` training processes under torchrun, started in the background; output in `wd`.log."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}",
+           str(ROOT / "tools/train.py"), str(cfg), "--work-dir", str(wd), *extra]  # fmt: skip
+    with open(wd.with_suffix(".log"), "w") as log:  # a file, not a pipe: nobody reads it while it runs
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finish(proc: subprocess.Popen, wd: Path) -> None:
+    try:
+        proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, wd.with_suffix(".log").read_text()[-3000:]
+
+
+def _run_here(cfg: Path, wd: Path, *extra: str) -> None:
+    """One process: this one (no interpreter start, no torch import to wait for)."""
+    assert main(["train", str(cfg), "--work-dir", str(wd), *extra]) == 0
 
 
 def _losses(wd: Path) -> list[float]:
@@ -51,17 +65,19 @@ def runs(tmp_path_factory) -> dict:
                        drop_path=0.0, randaug=2, ema=True)  # fmt: skip
     cfg = tmp / "cfg.py"
     cfg.write_text(text)
-    out = {"cfg": cfg, "tmp": tmp}
-    for name, nproc in (("one", 1), ("ddp", 2)):
-        _run(cfg, tmp / name, nproc)
-        out[name] = tmp / name
-    return out
+    ddp = _launch(cfg, tmp / "ddp", 2)
+    try:
+        _run_here(cfg, tmp / "one")  # while the two ranks start
+    finally:
+        _finish(ddp, tmp / "ddp")
+    return {"cfg": cfg, "tmp": tmp, "one": tmp / "one", "ddp": tmp / "ddp"}
 
 
 @pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_two_processes_follow_one_process(runs: dict, mode: str) -> None:
     if mode == "fsdp":  # FSDP2 (fully_shard per block) on gloo: the same trajectory as well
-        _run(runs["cfg"], runs["tmp"] / "fsdp", 2, "--set", "train.parallel=fsdp")
+        wd = runs["tmp"] / "fsdp"
+        _finish(_launch(runs["cfg"], wd, 2, "--set", "train.parallel=fsdp"), wd)
         runs["fsdp"] = runs["tmp"] / "fsdp"
     one, two = _losses(runs["one"]), _losses(runs[mode])
     assert len(one) == len(two) == 6
@@ -78,7 +94,7 @@ def test_two_process_checkpoint_resumes_in_one_process(runs: dict) -> None:
     ck = runs["ddp"] / "checkpoints" / "step_00000003.pt"
     assert ck.is_file()
     wd = runs["tmp"] / "resumed"
-    _run(runs["cfg"], wd, 1, "--resume", str(ck))
+    _run_here(runs["cfg"], wd, "--resume", str(ck))
     assert _losses(wd) == pytest.approx(_losses(runs["one"])[3:], abs=2e-5)
     for name in ("final.safetensors", "final_ema.safetensors"):
         w1, w2 = load_file(runs["one"] / name), load_file(wd / name)
