@@ -12,22 +12,38 @@ from test_engine_digits import config_text, write_digits
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _start(cfg: Path, wd: Path, log: Path, *extra: str) -> subprocess.Popen:
+    """`tools/train.py` with stdout and stderr to a file, as under nohup or a job scheduler."""
+    cmd = [sys.executable, str(ROOT / "tools/train.py"), str(cfg), "--work-dir", str(wd), *extra]
+    with log.open("w") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    try:
+        return proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_log_file_gets_plain_lines_and_errors_on_their_own_line(tmp_path: Path) -> None:
     root = write_digits(tmp_path / "d", limit=60)
     cfg = tmp_path / "c.py"
     cfg.write_text(config_text(root, epochs=2, batch=8, global_batch=8, log_every=2, max_steps=3))
-    log = tmp_path / "run.log"
-    with log.open("w") as f:  # stdout and stderr to a file, as under nohup or a job scheduler
-        rc = subprocess.run([sys.executable, str(ROOT / "tools/train.py"), str(cfg), "--work-dir", str(tmp_path / "w")],
-                            stdout=f, stderr=subprocess.STDOUT, timeout=300).returncode  # fmt: skip
+    # A run that stops with an error: a work dir that holds an earlier run (its metrics) refuses a new start.
+    # Both runs at once: each spends most of its time starting up.
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 1.0, "lr": 0.1}\n')
+    log, err_log = tmp_path / "run.log", tmp_path / "error.log"
+    procs = _start(cfg, tmp_path / "w", log), _start(cfg, taken, err_log, "--set", "train.max_steps=9")
+    rc, err_rc = map(_wait, procs)
     text = log.read_text()
     assert rc == 0, text[-2000:]
     assert "\r" not in text
     assert "epoch 1/2 step 2/6 (global 2/3): loss " in text and "img/s eta" in text
-    # A run that stops with an error: the message is a line of its own, not glued to a progress line.
-    cmd = [sys.executable, str(ROOT / "tools/train.py"), str(cfg), "--work-dir", str(tmp_path / "w")]
-    with log.open("w") as f:
-        rc = subprocess.run([*cmd, "--set", "train.max_steps=9"], stdout=f, stderr=subprocess.STDOUT, timeout=300)
-    rc = rc.returncode
-    lines = log.read_text().splitlines()
-    assert rc == 2 and any(line.startswith("eva02 train: error: work dir") for line in lines), lines
+    # The error message is a line of its own, not glued to a progress line.
+    lines = err_log.read_text().splitlines()
+    assert err_rc == 2 and any(line.startswith("eva02 train: error: work dir") for line in lines), lines
