@@ -323,7 +323,8 @@ def test_cosine_loss_falls_on_real_photos():
     tcfg = TEST.replace(img_size=128, patch_size=16)  # sees the 112 px crops as 7x7 patches, the student 8x8
     teacher = Eva02Teacher(Eva02(tcfg), proj=nn.Linear(128, 64))
     masks = BlockMaskGenerator((8, 8), num_masking=26, min_num=4, seed=0)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
+    # lr 2e-3 for 60 steps ends where 1e-3 for 120 steps did (held-out loss about -0.8 against a -0.52 baseline).
+    opt = torch.optim.AdamW(student.parameters(), lr=2e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
     eval_x = _photos(32, 112, seed=99)
     eval_m = masks.batch(32)
     eval_t = teacher(eval_x, (8, 8))
@@ -339,7 +340,7 @@ def test_cosine_loss_falls_on_real_photos():
     torch.set_num_threads(1)  # tiny matrices: extra threads only contend on a shared machine
     try:
         start = eval_loss()
-        losses = train(student, teacher, masks, opt, 120)
+        losses = train(student, teacher, masks, opt, 60)
         end = eval_loss()
         # Context-free baseline: predict the mean (normalised) target of each position, seen over training crops.
         seen = torch.cat([teacher(_photos(16, 112, seed=s), (8, 8)) for s in range(10)])

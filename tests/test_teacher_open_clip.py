@@ -17,12 +17,12 @@ def teacher():
 def test_targets_are_final_norm_patch_tokens_through_the_projection(teacher):
     from eva02.model.teacher import align_tokens
 
-    x = torch.randn(2, 3, 224, 224)
+    x = torch.randn(1, 3, 224, 224)  # one image: a base-size tower at 224 px is the cost of this test
     out = teacher(x, grid=(16, 16))  # EVA02-CLIP-B/16 has a 14x14 grid; the student's is 16x16 (p14)
-    assert out.shape == (2, 256, 512) and teacher.out_dim == 512
+    assert out.shape == (1, 256, 512) and teacher.out_dim == 512
     trunk, head = teacher.net["trunk"], teacher.net["head"]
     with torch.no_grad():
-        tokens = trunk.forward_features(x)[:, trunk.num_prefix_tokens :]  # (2, 196, 768)
+        tokens = trunk.forward_features(x)[:, trunk.num_prefix_tokens :]  # (1, 196, 768)
         ref = align_tokens(head(tokens), (14, 14), (16, 16))
     torch.testing.assert_close(out, ref)
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -30,13 +30,21 @@ def test_targets_are_final_norm_patch_tokens_through_the_projection(teacher):
     assert not teacher.training, "a teacher stays in eval mode"
 
 
-def test_mim_step_with_open_clip_teacher(teacher, tmp_path):
+def test_mim_step_with_open_clip_teacher(teacher, tmp_path, monkeypatch):
     from PIL import Image
     from skimage import data
 
     from eva02.engine.config import DataCfg, MimCfg, ModelCfg, OptimCfg, RunConfig, ScheduleCfg, TrainCfg
-    from eva02.engine.tasks import task_for
+    from eva02.engine.tasks import mim, task_for
     from eva02.engine.train import train
+
+    asked = []
+
+    def build_once(name, pretrained, amp_dtype):  # the tower of the fixture: building one takes seconds
+        asked.append((name, pretrained, amp_dtype))
+        return teacher
+
+    monkeypatch.setattr(mim, "build_open_clip_teacher", build_once)
 
     folder = tmp_path / "photos" / "train"
     folder.mkdir(parents=True)
@@ -53,7 +61,8 @@ def test_mim_step_with_open_clip_teacher(teacher, tmp_path):
     task = task_for(cfg)
     out = train(cfg, tmp_path / "run", task=task)
     assert out["global_step"] == 1
-    assert task.teacher.out_dim == 512
+    assert asked == [("EVA02-B-16", "", None)]  # the config's tower, random weights, no autocast
+    assert task.teacher is teacher and task.teacher.out_dim == 512
     # the student's regressor maps to the teacher's width; the final file is the headless backbone
     from eva02 import get_model
 

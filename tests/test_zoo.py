@@ -246,14 +246,16 @@ def test_zoo_table_matches_counts():
         assert cells[5] == ("-" if e.top1 is None else f"{e.top1:.2f}")
 
 
-def test_zoo_table_write_and_check(tmp_path, capsys):
+def test_zoo_table_write_and_check(tmp_path, capsys, monkeypatch):
     zt = _zoo_table()
+    table = zt.make_table()  # made once: its content is checked above, here is the file handling
+    monkeypatch.setattr(zt, "make_table", lambda: table)
     doc = tmp_path / "README.md"
     doc.write_text(f"intro\n{zt.START}\nstale\n{zt.END}\noutro\n")
     assert zt.main(["--check", str(doc)]) == 1
     assert zt.main(["--write", str(doc)]) == 0
     text = doc.read_text()
-    assert text == f"intro\n{zt.START}\n{zt.make_table()}\n{zt.END}\noutro\n"
+    assert text == f"intro\n{zt.START}\n{table}\n{zt.END}\noutro\n"
     assert zt.main(["--check", str(doc)]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["README.md"]  # no temporary file left behind
     doc.write_text("no markers here\n")
