@@ -188,3 +188,11 @@ def test_shipped_zero_shot_configs_load() -> None:
         assert cfg.model.img_size == entry.cfg.vision.img_size and cfg.model.num_classes == 1000
         names.add(entry.name)
     assert len(names) == 5
+
+
+def test_shipped_fine_tune_config_loads() -> None:
+    from eva02.engine.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "eva02_clip" / "eva02_clip_b16_ft_in1k.py")
+    assert cfg.model.name == "EVA02-CLIP-B-16" and cfg.model.init == "pretrained" and cfg.train.task == "classify"
+    assert cfg.model.img_size == 224 and cfg.clip.class_names == "imagenet" and cfg.model.num_classes == 1000
