@@ -381,3 +381,18 @@ def test_pretrained_true_downloads_verifies_and_caches(tmp_path, monkeypatch) ->
     with torch.no_grad():
         torch.testing.assert_close(a.encode_image(x), ref.encode_image(x), atol=1e-5, rtol=1e-5)
         assert torch.equal(a.encode_image(x), b.encode_image(x))
+
+
+def test_extract_feat_embedding_is_encode_image() -> None:
+    torch.manual_seed(6)
+    clip = Eva02Clip(CLIP_VARIANTS["test"]).eval()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        (emb,) = clip.visual.extract_feat(x, out_type="embedding")
+        torch.testing.assert_close(emb, clip.encode_image(x))
+        first, last = clip.visual.extract_feat(x, out_type="embedding", out_indices=(0, -1))
+    assert first.shape == last.shape == (2, 64) and torch.equal(last, emb)
+    from eva02.model.vit import Eva02
+
+    with pytest.raises(ValueError, match="joint-space embedding"):
+        Eva02(CLIP_VARIANTS["test"].vision.replace(pool="avg", num_classes=5)).extract_feat(x, out_type="embedding")

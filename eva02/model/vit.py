@@ -27,7 +27,7 @@ from eva02.model.config import Eva02Config
 from eva02.model.layers import Block, PatchEmbed, SwiGLU
 from eva02.model.rope import RopeTables, rope_complex, rope_tables
 
-OUT_TYPES = ("raw", "cls_token", "featmap", "avg_featmap")
+OUT_TYPES = ("raw", "cls_token", "featmap", "avg_featmap", "embedding")
 
 
 def resample_pos_embed(pos: torch.Tensor, old: tuple[int, int], new: tuple[int, int], prefix: int = 1) -> torch.Tensor:
@@ -54,9 +54,7 @@ class Eva02(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid**2, D))
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear in depth
         self.blocks = nn.ModuleList(
-            Block(
-                D, cfg.heads, cfg.mlp_hidden, cfg.sub_ln, cfg.norm_eps, dpr[i], cfg.attn_norm, cfg.mlp, cfg.post_norm
-            )
+            Block(D, cfg.heads, cfg.mlp_hidden, cfg.sub_ln, cfg.norm_eps, dpr[i], cfg.attn_norm, cfg.mlp, cfg.post_norm)
             for i in range(cfg.depth)
         )
         # Final norms: per token (headless, and token pooling), or after average pooling (classifier).
@@ -322,12 +320,17 @@ class Eva02(nn.Module):
 
         'raw': block output tokens (B, 1+N, D) before any final norm; 'cls_token': (B, D);
         'featmap': patch tokens as (B, D, H/p, W/p); 'avg_featmap': pooled features (B, D), which for
-        the last block of a classifier are exactly `forward_head(..., pre_logits=True)`.
+        the last block of a classifier are exactly `forward_head(..., pre_logits=True)`; 'embedding'
+        (CLIP image towers only): the pooled features through the projection, i.e. `clip.encode_image`
+        for the last block (not normalised).
         Final norms are those of the model: per-token `norm` (headless), `fc_norm` after pooling
         (classifier); they are applied to every selected block's output except for 'raw'.
         """
         if out_type not in OUT_TYPES:
             raise ValueError(f"out_type must be one of {OUT_TYPES}, got {out_type!r}")
+        if out_type == "embedding" and not (self.cfg.pool == "token" and self.is_classifier):
+            raise ValueError("out_type='embedding' is the joint-space embedding of EVA-02-CLIP image towers; "
+                             "this model has none (use 'avg_featmap' or 'cls_token')")  # fmt: skip
         if isinstance(out_indices, int):
             out_indices = (out_indices,)
         grid = self.grid_of(x)
@@ -343,6 +346,8 @@ class Eva02(nn.Module):
                 res.append(t[:, 0])
             elif out_type == "featmap":
                 res.append(t[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, *grid))
+            elif out_type == "embedding":
+                res.append(self.forward_head(t))
             else:
                 res.append(self.forward_head(t, pre_logits=True))
         return tuple(res)
