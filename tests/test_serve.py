@@ -302,14 +302,6 @@ def test_timeout_is_504_and_timed_out_requests_never_reach_the_model(files) -> N
     assert gate.sizes == [1, 1]  # a's call and the last request's: b's image was never computed
 
 
-def test_planned_routes_are_501(files) -> None:
-    root, images = files
-    with serving(runner_of(root)) as (client, _):
-        for route in ("/v1/zero-shot", "/v1/embed-text"):
-            res = client.post(route, content=images[0])
-            assert res.status_code == 501 and res.json()["detail"].startswith("not available yet: ")
-
-
 def test_health_ready_and_metrics_format(files) -> None:
     root, images = files
     with serving(runner_of(root)) as (client, _):

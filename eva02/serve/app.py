@@ -4,7 +4,7 @@ Routes (JSON in and out, errors as `{"detail": "one line"}`):
   POST /v1/classify?topk=5   an image -> top-k classes, the record of `eva02 predict --json`
   POST /v1/features          an image -> its pooled embedding (`eva02 features`' default)
   POST /v1/explain?method=   an image -> a PNG of its explanation heat map (attention rollout, Grad-CAM)
-  POST /v1/zero-shot, /v1/embed-text   reserved for the CLIP models: 501 for now
+  POST /v1/zero-shot, /v1/embed/image, /v1/embed/text   the EVA-02-CLIP models' routes (clip_routes.py)
   GET  /v1/model             what is served; GET /healthz, /readyz, /metrics
   GET  /                     the browser page (eva02/serve/page/: static HTML, CSS and JS)
 An image is the whole request body (raw bytes, whatever the content type says: curl --data-binary
@@ -14,7 +14,8 @@ else 503 with Retry-After, before its body is read. Bodies over `max_upload_byte
 as they pass the limit; images that cannot be read get 400 with the loader's reason; a request not
 answered within `timeout_s` gets 504 (408 if its body had not arrived by then). Images are decoded
 in a thread pool, the model runs in the batcher's own thread; explanations are batched like the
-other kinds (one kind per method), and their drawings are made in the decoding threads.
+other kinds (one kind per method), and their drawings are made in the decoding threads. A route whose
+kind the model does not compute (classify on a CLIP model, zero-shot on a classifier) gets 400.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from typing import Any, Literal
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.datastructures import UploadFile
-from starlette.requests import ClientDisconnect
 
 from eva02.data.images import ImageError
 from eva02.serve.batcher import Batcher, Closed
+from eva02.serve.clip_routes import add_clip_routes
 from eva02.serve.metrics import Metrics, RequestMetrics
 from eva02.serve.runner import EXPLAIN, ModelRunner
+from eva02.serve.uploads import IMAGE_BODY, Upload, read_image
 
 log = logging.getLogger("eva02.serve")
 RETRY_AFTER = {"Retry-After": "1"}  # seconds; a full queue empties at the model's pace, usually well within
@@ -53,42 +54,17 @@ class ServeSettings:
     max_upload_bytes: int = 16 * 2**20
     timeout_s: float = 30.0
     decode_threads: int = 2
+    max_texts: int = 1024  # CLIP: texts of one /v1/embed/text request, labels x templates of one zero-shot
+    head_cache: int = 32  # CLIP: zero-shot heads kept, by label set and templates
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_upload_bytes", "decode_threads"):
+        for name in ("max_batch", "max_queue", "max_upload_bytes", "decode_threads", "max_texts", "head_cache"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be 1 or more, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.timeout_s <= 0:
             raise ValueError(f"max_wait_ms must be >= 0 and timeout_s > 0, got {self.max_wait_ms}, {self.timeout_s}")
 
 
-SEND_IMAGE = "send the image as a multipart file field (curl -F file=@x.jpg) or as the raw body (--data-binary @x.jpg)"
-# Bodies that cannot be an image. (A urlencoded type is taken as raw bytes: curl --data-binary sends that.)
-NOT_IMAGES = ("application/json",)
-
-
-class UploadTooLarge(Exception):
-    """The request body passed the upload limit."""
-
-
-# The request body the image routes take, for /openapi.json (the routes read it themselves).
-IMAGE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
-            },
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
-
-PLANNED = {
-    "/v1/zero-shot": "zero-shot classification with the label texts you send comes with the CLIP models",
-    "/v1/embed-text": "text embeddings come with the CLIP models",
-}
 # The browser page: file -> media type. Scripts and styles are files of their own, so the page's
 # Content-Security-Policy can forbid inline code.
 PAGE_FILES = {"index.html": "text/html", "page.js": "text/javascript", "page.css": "text/css"}
@@ -132,15 +108,20 @@ class ServeState:
             return
         self.ready = True
 
+    def need(self, kind: str) -> None:
+        """400, before the upload is read, for a route whose kind this model does not compute."""
+        if kind not in self.runner.kinds:
+            raise HTTPException(400, self.runner.refusal(kind))
+
     async def infer(self, request: Request, kind: str) -> Any:
         """Admit, read, decode and queue one image; its row of the batch result."""
-        return await self._admitted(lambda stage: self._infer(request, kind, stage))
+        return await self.admitted(lambda stage: self._infer(request, kind, stage))
 
     async def explain(self, request: Request, method: str, target: int | None) -> tuple[bytes, int | None]:
         """Admit, read, decode and queue one image for an explanation: (PNG bytes, the class explained)."""
-        return await self._admitted(lambda stage: self._explain(request, method, target, stage))
+        return await self.admitted(lambda stage: self._explain(request, method, target, stage))
 
-    async def _admitted(self, work: Callable[[list[str]], Awaitable[Any]]) -> Any:
+    async def admitted(self, work: Callable[[list[str]], Awaitable[Any]]) -> Any:
         """Run `work(stage)` as one admitted request: 503 when not ready or full, 408/504 past the timeout."""
         if not self.ready:
             raise HTTPException(
@@ -165,26 +146,31 @@ class ServeState:
             self.held -= 1
 
     async def _infer(self, request: Request, kind: str, stage: list[str]) -> Any:
-        image = await self._decoded(request, self.runner.decode, stage)
-        return await self._computed(kind, image, stage)
+        upload = await read_image(request, self.settings.max_upload_bytes)
+        image = await self.decoded(upload, self.runner.decode, stage)
+        return await self.computed(kind, image, stage)
 
     async def _explain(self, request: Request, method: str, target: int | None, stage: list[str]):
-        image, view = await self._decoded(request, self.runner.decode_view, stage)
-        heat, explained = await self._computed(EXPLAIN + method, (image, target), stage)
+        upload = await read_image(request, self.settings.max_upload_bytes)
+        image, view = await self.decoded(upload, self.runner.decode_view, stage)
+        heat, explained = await self.computed(EXPLAIN + method, (image, target), stage)
         stage[0] = "drawing"
-        png = await asyncio.get_running_loop().run_in_executor(self.decoders, self.runner.overlay_png, view, heat)
+        png = await self.in_decoder(self.runner.overlay_png, view, heat)
         return png, explained
 
-    async def _decoded(self, request: Request, decode: Callable[[bytes, str], Any], stage: list[str]) -> Any:
-        """The upload, read within the limits and decoded in a decoding thread (400 if it is no image)."""
-        data, name = await read_image(request, self.settings.max_upload_bytes)
+    async def decoded(self, upload: Upload, decode: Callable[[bytes, str], Any], stage: list[str]) -> Any:
+        """The upload decoded in a decoding thread (400 if it is no image)."""
         stage[0] = "decoding"
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.decoders, decode, data, name)
+            return await self.in_decoder(decode, upload.data, upload.name)
         except ImageError as e:
             raise HTTPException(400, str(e)) from None
 
-    async def _computed(self, kind: str, payload: Any, stage: list[str]) -> Any:
+    async def in_decoder(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in a decoding thread, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoders, fn, *args)
+
+    async def computed(self, kind: str, payload: Any, stage: list[str]) -> Any:
         """The payload's result from the next batch of its kind (503 while stopping, 500 if the call fails)."""
         stage[0] = "waiting for the model"
         try:
@@ -196,49 +182,6 @@ class ServeState:
         except Exception as e:
             log.exception("eva02 serve: a model call failed")
             raise HTTPException(500, f"the model call failed: {type(e).__name__}: {e}") from None
-
-
-async def read_image(request: Request, limit: int) -> tuple[bytes, str]:
-    """(bytes, name) of the image in the body: the first file of a multipart form, else the raw body.
-    413 once more than `limit` bytes arrive (at once when Content-Length says so)."""
-    too_large = HTTPException(413, f"the upload is larger than the limit of {limit} bytes (--max-upload-mb)")
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_large
-    received = 0
-
-    async def receive_within_limit():
-        nonlocal received
-        message = await request.receive()
-        received += len(message.get("body", b""))
-        if received > limit:
-            raise UploadTooLarge
-        return message
-
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type in NOT_IMAGES:
-        raise HTTPException(415, f"a body of type {content_type} is not an image: {SEND_IMAGE}")
-    limited = Request(request.scope, receive_within_limit)
-    try:
-        if content_type == "multipart/form-data":
-            return await _first_file(limited)
-        return b"".join([chunk async for chunk in limited.stream()]), "request body"
-    except UploadTooLarge:
-        raise too_large from None
-    except ClientDisconnect:
-        raise HTTPException(400, "the client went away before the upload ended") from None
-
-
-async def _first_file(request: Request) -> tuple[bytes, str]:
-    form = await request.form(max_files=1, max_fields=16)
-    try:
-        for value in form.values():
-            if isinstance(value, UploadFile):
-                name = " ".join((value.filename or "").split())[:200]  # one line in messages, bounded
-                return await value.read(), name or "upload"
-    finally:
-        await form.close()
-    raise HTTPException(400, f"the multipart form has no file: {SEND_IMAGE}")
 
 
 # ------------------------------------------------------------------------------------------- app
@@ -279,16 +222,14 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
     @app.post("/v1/classify", openapi_extra=IMAGE_BODY)
     async def classify(request: Request, topk: int = Query(5, ge=1, description="classes to return")) -> JSONResponse:
         """Top-k classes of one image."""
-        if runner.predictor is None:
-            raise HTTPException(
-                400, f"model '{runner.name}' has no classifier head (a pre-trained backbone); use POST /v1/features"
-            )
+        state.need("classify")
         probs = await state.infer(request, "classify")
         return JSONResponse(runner.classify_json(probs, topk))
 
     @app.post("/v1/features", openapi_extra=IMAGE_BODY)
     async def features(request: Request) -> JSONResponse:
         """Pooled embedding of one image."""
+        state.need("features")
         return JSONResponse(runner.features_json(await state.infer(request, "features")))
 
     @app.post("/v1/explain", openapi_extra=IMAGE_BODY, response_class=Response)
@@ -305,8 +246,7 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
             headers["X-Explain-Target"] = str(explained)
         return Response(png, media_type="image/png", headers=headers)
 
-    for path, what in PLANNED.items():
-        app.add_api_route(path, _not_yet(what), methods=["POST"], include_in_schema=False)
+    add_clip_routes(app, state)
 
     page = {name: resources.files("eva02.serve").joinpath("page", name).read_bytes() for name in PAGE_FILES}
     for name, media_type in PAGE_FILES.items():
@@ -318,7 +258,10 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
     @app.get("/v1/model")
     async def model() -> dict:
         """The model served, its input size and what it computes."""
-        return {**runner.info(), "max_batch": state.settings.max_batch}
+        limits = {"max_batch": state.settings.max_batch}
+        if "embed-text" in runner.kinds:
+            limits["max_texts"] = state.settings.max_texts
+        return {**runner.info(), **limits}
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -344,10 +287,9 @@ def _add_routes(app: FastAPI, state: ServeState) -> None:
 
 def _check_explain(runner: ModelRunner, method: str, target: int | None) -> None:
     """400 for an explanation this model cannot give, before the upload is read."""
-    if method not in runner.explain_methods:
-        raise HTTPException(
-            400, f"model '{runner.name}' has no classifier head, so no Grad-CAM; use method=attention-rollout"
-        )
+    refusal = runner.explain_refusal(method)
+    if refusal is not None:
+        raise HTTPException(400, refusal)
     if target is None:
         return
     if method != "gradcam":
@@ -362,10 +304,3 @@ def _page_file(body: bytes, media_type: str):
         return Response(body, media_type=media_type, headers=PAGE_HEADERS)
 
     return page_file
-
-
-def _not_yet(what: str):
-    async def planned() -> None:
-        raise HTTPException(501, f"not available yet: {what}")
-
-    return planned

@@ -39,6 +39,10 @@ class Metrics:
             "eva02_batch_duration_seconds", "time of one model call, by kind", ["kind"],
             buckets=LATENCY_BUCKETS, registry=reg,
         )  # fmt: skip
+        self.heads = Counter(
+            "eva02_zero_shot_heads", "zero-shot head lookups: hit (cached), miss (computed), shared (being computed)",
+            ["result"], registry=reg,
+        )  # fmt: skip
         Gauge("eva02_queue_depth", "images waiting for a batch", registry=reg).set_function(queue_depth)
         Gauge(
             "eva02_requests_in_progress", "requests admitted and not answered yet (bounded by --max-queue)",
@@ -49,6 +53,9 @@ class Metrics:
     def observe_batch(self, kind: str, size: int, seconds: float) -> None:
         self.batch_size.labels(kind).observe(size)
         self.batch_seconds.labels(kind).observe(seconds)
+
+    def observe_head(self, result: str) -> None:
+        self.heads.labels(result).inc()
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the text exposition format."""

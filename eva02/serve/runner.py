@@ -7,6 +7,8 @@ to it as an in-memory file (`os.memfd_create`; a temporary file where there is n
 goes through `Predictor` (the same probabilities and top-k as `eva02 predict`); embeddings are
 `extract_feat(out_type='avg_featmap')`, the default of `eva02 features`. Explanations
 (`explain:<method>` batches) are `eva02.explain`'s maps, drawn over the image region the model saw.
+A runner lists the route kinds it computes; for the others it says why not (`refusal`), and the
+routes answer 400 with that line. The EVA-02-CLIP runner is `eva02.serve.clip.ClipRunner`.
 """
 
 from __future__ import annotations
@@ -66,6 +68,15 @@ class ModelRunner:
         dtype: str | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
+        self._set_up(model, preprocess, name, dtype)
+        self.predictor = (
+            Predictor(model, preprocess=preprocess, dtype=dtype, class_names=class_names)
+            if model.is_classifier
+            else None
+        )
+
+    def _set_up(self, model: Eva02, preprocess: Preprocess, name: str, dtype: str | None) -> None:
+        """What every runner has: the image model (eval mode), its device, precision and preprocessing."""
         if dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(k for k in AUTOCAST_DTYPES if k)}, got {dtype!r}")
         self.model = model.eval()
@@ -78,11 +89,6 @@ class ModelRunner:
         self.img_size = preprocess.img_size
         self.preprocess = preprocess
         self.transform = eval_transform(preprocess)
-        self.predictor = (
-            Predictor(model, preprocess=preprocess, dtype=dtype, class_names=class_names)
-            if model.is_classifier
-            else None
-        )
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -93,6 +99,21 @@ class ModelRunner:
     def explain_methods(self) -> tuple[str, ...]:
         """The explanations this model gives: Grad-CAM needs a head, attention rollout does not."""
         return explain.METHODS if self.predictor is not None else ("attention-rollout",)
+
+    def refusal(self, kind: str) -> str:
+        """Why this model does not compute `kind` (one of the route kinds it does not list), in one line."""
+        if kind == "classify":
+            return f"model '{self.name}' has no classifier head (a pre-trained backbone); use POST /v1/features"
+        return (
+            f"model '{self.name}' is not an EVA-02-CLIP model (it has no text tower): zero-shot and "
+            "/v1/embed/* need one (eva02 serve -m EVA02-CLIP-B-16); its image embedding is POST /v1/features"
+        )
+
+    def explain_refusal(self, method: str) -> str | None:
+        """Why this model gives no `method` explanation, or None when it gives one."""
+        if method in self.explain_methods:
+            return None
+        return f"model '{self.name}' has no classifier head, so no Grad-CAM; use method=attention-rollout"
 
     def info(self) -> dict[str, Any]:
         return {
