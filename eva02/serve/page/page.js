@@ -1,5 +1,7 @@
 // The page of `eva02 serve`: an image chosen or dropped is sent to POST v1/classify (top-k bars), then to
 // POST v1/explain (a PNG heat map shown below). Clicking a bar explains that class with Grad-CAM.
+// For an EVA-02-CLIP model (`/v1/model` lists the 'zero-shot' kind) the bars come from POST
+// v1/zero-shot over the labels typed in, sent as the form field `labels`, a JSON list.
 // Text from the server is only ever set as textContent. URLs are relative, so the page also works
 // behind a reverse proxy that serves it under a path prefix.
 "use strict";
@@ -59,7 +61,10 @@ async function loadInfo() {
   }
   const info = await res.json();
   state.info = info;
-  const what = info.kinds.includes("classify") ? `${info.num_classes} classes` : "no classifier head (embeddings only)";
+  const zeroShot = info.kinds.includes("zero-shot");
+  let what = "no classifier head (embeddings only)";
+  if (info.kinds.includes("classify")) what = `${info.num_classes} classes`;
+  else if (zeroShot) what = "EVA-02-CLIP: zero-shot over your labels";
   $("model").textContent = `${info.model} · ${info.img_size} px · ${what} · ${info.device}, ${info.dtype}`;
   const select = $("method");
   select.replaceChildren();
@@ -69,9 +74,10 @@ async function loadInfo() {
     option.textContent = METHOD_NAMES[method] || method;
     select.append(option);
   }
-  if (info.kinds.includes("zero-shot")) {
+  if (zeroShot) {
     $("labels-row").hidden = false;
     $("labels").disabled = false;
+    $("classes-title").textContent = "Top labels";
   }
   setState("idle");
 }
@@ -101,7 +107,12 @@ async function classify(run) {
   const zeroShot = !$("labels").disabled && labelList().length > 0;
   if (!info.kinds.includes("classify") && !zeroShot) {
     $("bars").replaceChildren();
-    note($("bars-note"), "This model has no classifier head: it serves embeddings and attention rollout.");
+    note(
+      $("bars-note"),
+      info.kinds.includes("zero-shot")
+        ? "Type labels above, comma-separated or one per line, to classify the image among them."
+        : "This model has no classifier head: it serves embeddings and attention rollout."
+    );
     return true;
   }
   setState("classifying");
@@ -162,6 +173,12 @@ function explainClass(label) {
 
 async function explain(run) {
   const method = $("method").value;
+  if (!method) {
+    // No explanation for this model (the post-norm image towers of EVA-02-CLIP-E).
+    $("explanation").hidden = true;
+    setState("done");
+    return;
+  }
   let url = `v1/explain?method=${encodeURIComponent(method)}`;
   if (method === "gradcam" && state.target !== null) url += `&target=${state.target}`;
   setState("explaining");
