@@ -45,7 +45,7 @@ class ClipRunner(ModelRunner):
         self._set_up(clip.visual, preprocess, name, dtype)
         self.clip = clip.eval()
         self.predictor = None
-        self.logit_scale = float(clip.logit_scale.detach().float().exp())
+        self.scale = float(clip.logit_scale.detach().float().exp())  # the factor of the cosine similarities
         self.context_length = clip.cfg.text.context_length
 
     @property
@@ -88,7 +88,7 @@ class ClipRunner(ModelRunner):
             "kinds": list(self.kinds),
             "explain_methods": list(self.explain_methods),
             "context_length": self.context_length,
-            "logit_scale": round(self.logit_scale, 6),
+            "logit_scale_exp": round(self.scale, 6),
             "default_templates": list(DEFAULT_TEMPLATES),
         }
 
@@ -106,7 +106,7 @@ class ClipRunner(ModelRunner):
 
     def scores(self, embedding: np.ndarray, head: np.ndarray) -> np.ndarray:
         """A normalised image embedding (E,) and a head (E, C) -> label probabilities (C,) float32."""
-        logits = self.logit_scale * (torch.from_numpy(embedding) @ torch.from_numpy(head))  # (C,)
+        logits = self.scale * (torch.from_numpy(embedding) @ torch.from_numpy(head))  # (C,)
         return logits.softmax(dim=-1).numpy()
 
     def zero_shot_json(self, probs: np.ndarray, labels: Sequence[str], topk: int) -> dict[str, Any]:
