@@ -256,10 +256,10 @@ class ImageIndex:
         return self.root / self.rows[row].rel
 
     def chunks(self, rows: int = CHUNK_ROWS) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first row, unit-norm embeddings (n, E) fp32) over the whole index, `rows` at a time."""
+        """(first row, embeddings (n, E) as fp32) over the whole index, `rows` at a time."""
         sl = self._file.get_slice("embeddings")
         for start in range(0, len(self), rows):
-            yield start, F.normalize(sl[start : start + rows].float(), dim=-1)  # unit norm again after fp16
+            yield start, sl[start : start + rows].float()
 
     def take(self, rows: np.ndarray) -> torch.Tensor:
         """Embeddings (len(rows), E) fp32 of sorted row numbers."""
@@ -290,6 +290,7 @@ class ImageIndex:
                 scores, rows = torch.cat([scores, s], 1), torch.cat([rows, i + start], 1)
                 scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
                 rows = rows.gather(1, order)
+        scores = scores.clamp(-1.0, 1.0)  # fp16 rows are unit-norm to about 1e-3
         return [
             [Hit(int(r), self.rows[int(r)].rel, float(s)) for s, r in zip(ss, rr, strict=True) if r >= 0]
             for ss, rr in zip(scores, rows, strict=True)
@@ -569,7 +570,7 @@ def build_ann(index: ImageIndex, nlist: int | None = None):
     else:
         nlist = nlist or min(round(4 * math.sqrt(n)), n // 39)  # faiss's k-means wants >= 39 points per list
         ann = faiss.index_factory(index.dim, f"IVF{nlist},SQfp16", faiss.METRIC_INNER_PRODUCT)
-        sample = np.sort(np.random.default_rng(0).choice(n, size=min(n, 256 * nlist), replace=False))
+        sample = np.sort(np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False))
         ann.train(np.ascontiguousarray(index.take(sample).numpy()))
     for _, emb in index.chunks():
         ann.add(np.ascontiguousarray(emb.numpy()))

@@ -220,22 +220,33 @@ def test_zero_shot_bad_model_or_paths(files, capsys, monkeypatch, args, words) -
     one_line_error(err, *words)
 
 
-def test_missing_clip_extra_is_one_line(files, capsys, monkeypatch) -> None:
+def without(monkeypatch, package: str) -> None:
+    """Imports of `package` fail from now on, as where it is not installed."""
     import importlib
 
-    root, imgs, _ = files
     real = importlib.import_module
 
-    def without_open_clip(name, *a, **k):
-        if name.startswith("open_clip"):
-            raise ModuleNotFoundError(f"No module named {name!r}", name="open_clip")
+    def fake(name, *a, **k):
+        if name.split(".")[0] == package:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=package)
         return real(name, *a, **k)
 
-    monkeypatch.setattr(importlib, "import_module", without_open_clip)
+    monkeypatch.setattr(importlib, "import_module", fake)
+
+
+def test_missing_extras_are_one_line_before_the_model_loads(files, capsys, monkeypatch, tmp_path) -> None:
+    root, imgs, _ = files
+    monkeypatch.setattr(cli_clip, "load_clip", lambda *a: pytest.fail("the model loaded before the checks"))
+    ckpt = ["--checkpoint", root / "a.safetensors"]
+    without(monkeypatch, "open_clip")
     for argv in (["zero-shot", imgs, "--labels", "a,b"], ["zero-shot", imgs, "--imagenet"]):
-        rc, _, err = run(capsys, *argv, "--checkpoint", root / "a.safetensors")
+        rc, _, err = run(capsys, *argv, *ckpt)
         assert rc == 2
         one_line_error(err, "pip install 'eva02[clip]'")
+    without(monkeypatch, "faiss")
+    rc, _, err = run(capsys, "index", imgs, "-o", tmp_path / "i.safetensors", "--ann", *ckpt)
+    assert rc == 2 and not (tmp_path / "i.safetensors.parts").exists()
+    one_line_error(err, "pip install 'eva02[ann]'")
 
 
 def test_closed_stdout_ends_with_141(files, capsys, monkeypatch) -> None:

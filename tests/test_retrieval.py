@@ -69,7 +69,7 @@ def test_build_then_each_image_finds_itself(tmp_path, clip) -> None:
     for i, hits in enumerate(index.search(direct, topk=3)):
         assert hits[0].row == i and hits[0].path == names[i] and hits[0].score == pytest.approx(1.0, abs=1e-3)
         assert hits[0].score > hits[1].score >= hits[2].score
-    assert json.loads(json.dumps(index.model))["config"] == clip.cfg.to_dict()
+    assert index.model["config"] == json.loads(json.dumps(clip.cfg.to_dict()))
 
 
 def test_an_interrupted_build_continues_to_the_same_index(tmp_path, clip, monkeypatch) -> None:

@@ -45,12 +45,12 @@ def add_batch_args(p: argparse.ArgumentParser, batch: int) -> None:
 def unknown_clip_message(name: str) -> str:
     import difflib
 
-    from eva02.weights.clip import CLIP_ZOO
+    from eva02.weights.zoo import CLIP_ZOO
 
     spellings = {s.lower(): s for e in CLIP_ZOO.values() for s in (e.name, *e.aliases)}
     close = difflib.get_close_matches(name.strip().lower(), list(spellings), n=3, cutoff=0.5)
     near = f"closest: {', '.join(spellings[c] for c in close)}; " if close else ""
-    return f"unknown CLIP model '{name}'; {near}the CLIP models are {', '.join(CLIP_ZOO)}"
+    return f"unknown CLIP model '{name}'; {near}the CLIP models are {', '.join(CLIP_ZOO)} (`eva02 list clip`)"
 
 
 def choose_clip(model: str | None, checkpoint: str | None) -> tuple[Any, Path | None, Any, dict[str, Any]]:
@@ -58,8 +58,7 @@ def choose_clip(model: str | None, checkpoint: str | None) -> tuple[Any, Path | 
     the probe) from --model/--checkpoint, with one-line errors, before anything is loaded."""
     from dataclasses import asdict
 
-    from eva02.weights.clip import clip_config_of, find_clip
-    from eva02.weights.zoo import Preprocess
+    from eva02.weights.zoo import Preprocess, find_clip
 
     if model is None and checkpoint is None:
         raise CliError("give -m/--model NAME (an EVA-02-CLIP model, e.g. EVA02-CLIP-B-16) or --checkpoint FILE")
@@ -69,7 +68,12 @@ def choose_clip(model: str | None, checkpoint: str | None) -> tuple[Any, Path | 
     entry = find_clip(model) if model is not None else None
     if model is not None and entry is None:
         raise CliError(unknown_clip_message(model))
-    cfg = entry.cfg if entry is not None else clip_config_of(ckpt)
+    if entry is None:
+        from eva02.weights.clip import clip_config_of  # torch
+
+        cfg = clip_config_of(ckpt)
+    else:
+        cfg = entry.cfg
     if cfg is None:
         raise CliError(
             f"--checkpoint {ckpt} does not say which CLIP model it holds (only files written by eva02 do); "
