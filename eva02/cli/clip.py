@@ -18,7 +18,7 @@ from typing import Any
 
 from eva02.cli import CliError
 from eva02.cli.options import add_batch_size, add_checkpoint, add_dtype, add_model, add_out, positive_int
-from eva02.cli.predict import PIPE_CLOSED, StdoutClosed, collect_paths, emit, warn, worker_count
+from eva02.cli.predict import PIPE_CLOSED, StdoutClosed, collect_paths, emit, progress, warn, worker_count
 from eva02.hints import count
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -270,20 +270,19 @@ def zero_shot(args: argparse.Namespace) -> int:
     batches = iter_file_batches(
         paths, eval_transform(pre), args.batch_size, worker_count(args, len(paths)), device.type == "cuda"
     )
+    bar = progress(len(paths), args.batch_size, "zero-shot")
     for indices, batch, errors in batches:
         for _, err in errors:
             warn("zero-shot", err)
         failed += len(errors)
-        if batch is None:
-            continue
-        probs = (scale * embed_batch(clip, batch, args.dtype) @ head).softmax(dim=-1)  # (B, C)
-        top = probs.topk(k, dim=-1)
-        for i, scores, rows in zip(indices, top.values.tolist(), top.indices.tolist(), strict=True):
-            emit(
-                format_zero_shot(
-                    str(paths[i]), [(labels[r], r, s) for r, s in zip(rows, scores, strict=True)], args.json
-                )
-            )
+        if batch is not None:
+            probs = (scale * embed_batch(clip, batch, args.dtype) @ head).softmax(dim=-1)  # (B, C)
+            top = probs.topk(k, dim=-1)
+            for i, scores, rows in zip(indices, top.values.tolist(), top.indices.tolist(), strict=True):
+                ranked = [(labels[r], r, s) for r, s in zip(rows, scores, strict=True)]
+                emit(format_zero_shot(str(paths[i]), ranked, args.json))
+        bar.update(len(indices) + len(errors))
+    bar.close()
     if failed:
         print(f"eva02 zero-shot: {failed} of {count(len(paths), 'image')} failed", file=sys.stderr)
     return 1 if failed else 0
@@ -490,6 +489,8 @@ def search(args: argparse.Namespace) -> int:
     path = Path(args.index)
     if not args.text and not args.image:
         raise CliError("give --text TEXT or --image FILE (each may be repeated)")
+    if args.nprobe is not None and not args.ann:
+        raise CliError("--nprobe applies to approximate search: add --ann")
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
         raise CliError(f"index {path} {what}; build one with `eva02 index DIR -m NAME -o INDEX`")
