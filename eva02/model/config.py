@@ -41,6 +41,14 @@ class Eva02Config:
     post_norm: bool = False  # norms on the branch outputs: x + norm1(attn(x)) (CLIP E)
     rope: bool = True  # 2-D RoPE on q and k (False: CLIP E, which has only the absolute embedding)
     pool: str = "avg"  # "avg": mean of patch tokens then fc_norm; "token": class token after the final norm
+    # Dense backbones (ViTDet, EVA-02 det/seg): no class token in the sequence, and attention within
+    # window_size x window_size windows of the patch grid except in the blocks listed in global_blocks.
+    cls_token: bool = True
+    window_size: int = 0  # 0: every block attends globally
+    global_blocks: tuple[int, ...] = ()
+    # Windows are zero-padded where the grid does not divide; True keeps padded keys out of the softmax
+    # (ViTDet lets them in, which only differs when the grid does not divide by window_size).
+    window_pad_mask: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -63,6 +71,15 @@ class Eva02Config:
             problems.append(f"mlp must be one of {MLPS}, got {self.mlp!r}")
         if self.pool not in POOLS:
             problems.append(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.window_size < 0:
+            problems.append(f"window_size must be >= 0, got {self.window_size}")
+        if self.window_size and self.cls_token:
+            problems.append("windowed attention needs cls_token=False (a class token belongs to no window)")
+        if self.pool == "token" and not self.cls_token:
+            problems.append("pool='token' needs the class token (cls_token=True)")
+        bad = [i for i in self.global_blocks if not 0 <= i < self.depth]
+        if bad:
+            problems.append(f"global_blocks {bad} are not block indexes of a {self.depth}-block model")
         if self.mlp == "gelu" and self.sub_ln:
             problems.append("sub_ln applies to the SwiGLU MLP only (mlp='swiglu')")
         if problems:
@@ -73,9 +90,13 @@ class Eva02Config:
         return self.dim // self.heads
 
     @property
-    def fast_layout(self) -> bool:
-        """Whether the blocks have the layout the fast forms of `fast.py` implement (pre-LN, SwiGLU, RoPE)."""
-        return self.mlp == "swiglu" and not self.post_norm and self.rope
+    def num_prefix(self) -> int:
+        """Tokens before the patches in the sequence: the class token, or none (dense backbones)."""
+        return 1 if self.cls_token else 0
+
+    def windowed(self, block: int) -> bool:
+        """Whether block `block` attends within windows."""
+        return self.window_size > 0 and block not in self.global_blocks
 
     @property
     def grid(self) -> int:
@@ -91,6 +112,8 @@ class Eva02Config:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown Eva02Config keys {unknown}; valid keys: {sorted(known)}")
+        if isinstance(d.get("global_blocks"), list):  # JSON has no tuples
+            d = {**d, "global_blocks": tuple(d["global_blocks"])}
         return cls(**d)
 
     def replace(self, **changes: Any) -> Eva02Config:

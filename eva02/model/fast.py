@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from eva02.model.layers import Attention, Block, SwiGLU, drop_path
+from eva02.model.layers import Attention, Block, SwiGLU, Windows, drop_path
 from eva02.model.rope import RopeTables, apply_rope, rope_complex, rotate_pairs_, rotate_pairs_widened_
 
 
@@ -189,7 +189,7 @@ class BlockPath:
     """A form of `layers.Block.forward`: the same pre-LN residual structure, with the attention and MLP
     forms (and the residual sum) that subclasses define."""
 
-    def attention(self, attn: Attention, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    def attention(self, attn: Attention, x: torch.Tensor, rope: RopeTables, mask=None) -> torch.Tensor:
         raise NotImplementedError
 
     def mlp(self, mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:
@@ -199,9 +199,12 @@ class BlockPath:
         """x + y for the stream x and a branch output y."""
         return x + y
 
-    def __call__(self, blk: Block, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
-        y = drop_path(self.attention(blk.attn, blk.norm1(x), rope), blk.drop_path, blk.training)
-        x = self.residual(x, y)
+    def __call__(self, blk: Block, x: torch.Tensor, rope: RopeTables, windows: Windows | None = None) -> torch.Tensor:
+        if windows is None:
+            y = self.attention(blk.attn, blk.norm1(x), rope)
+        else:  # within windows, as `layers.Block.forward`
+            y = windows.merge(self.attention(blk.attn, windows.split(blk.norm1(x)), rope, windows.mask))
+        x = self.residual(x, drop_path(y, blk.drop_path, blk.training))
         y = drop_path(self.mlp(blk.mlp, blk.norm2(x)), blk.drop_path, blk.training)
         return self.residual(x, y)
 
@@ -217,12 +220,13 @@ def _qkv(attn: Attention, x: torch.Tensor, ws: Workspace | None = None) -> torch
     return qkv.view(B, T, 3, attn.heads, attn.head_dim)
 
 
-def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """SDPA on (B, h, T, hd) q, k, v, heads merged, (inner norm), output projection -> (B, T, D)."""
+def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+    """SDPA on (B, h, T, hd) q, k, v (keys limited by `mask`), heads merged, (inner norm), output
+    projection -> (B, T, D)."""
     B, _, T, _ = q.shape
     # SDPA reads strided (B, h, T, hd) views without permuting the heads into a copy, and lays its
     # output out (B, T, h, hd) like q, so the merge of heads below is a view.
-    x = F.scaled_dot_product_attention(q, k, v)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return attn.proj(attn.norm(x.transpose(1, 2).reshape(B, T, -1)))
 
 
@@ -234,13 +238,13 @@ class Inference(BlockPath):
         self.widen = widen  # half precision: RoPE through one fp32 temporary (rope.rotate_pairs_widened_)
         self.ws = ws
 
-    def attention(self, attn: Attention, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    def attention(self, attn: Attention, x: torch.Tensor, rope: RopeTables, mask=None) -> torch.Tensor:
         qkv = _qkv(attn, x, self.ws)  # (B, T, 3, h, hd)
         # q and k rotated where they lie in the qkv output: no copies of them.
         rotate = rotate_pairs_widened_ if self.widen else rotate_pairs_
         rotate(qkv[:, :, :2], rope.rot[:, None, None, :])
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, h, T, hd) views
-        return _attend(attn, q, k, v)
+        return _attend(attn, q, k, v, mask)
 
     def mlp(self, mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:
         x12 = mlp.w12(x) if self.ws is None else self.ws.linear(x, mlp.w12.weight, mlp.w12.bias)
@@ -265,9 +269,9 @@ class Training(BlockPath):
     def __init__(self, widen: bool = False) -> None:
         self.widen = widen  # half precision: RoPE's products (and their backward) through fp32
 
-    def attention(self, attn: Attention, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    def attention(self, attn: Attention, x: torch.Tensor, rope: RopeTables, mask=None) -> torch.Tensor:
         q, k, v = RotateSplit.apply(_qkv(attn, x), rope.rot[:, None, :], self.widen)  # (B, h, T, hd) each
-        return _attend(attn, q, k, v)
+        return _attend(attn, q, k, v, mask)
 
     def mlp(self, mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:
         return mlp.w3(mlp.norm(SiluGate.apply(mlp.w12(x))))
@@ -283,7 +287,7 @@ class Traced(BlockPath):
         self.complex_rope = complex_rope
         self.inplace_residual = inplace_residual  # without autograd: sums into the fresh branch outputs
 
-    def attention(self, attn: Attention, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    def attention(self, attn: Attention, x: torch.Tensor, rope: RopeTables, mask=None) -> torch.Tensor:
         qkv = _qkv(attn, x)  # (B, T, 3, h, hd)
         if self.complex_rope:
             rot = rope.rot if rope.rot is not None else rope_complex(rope.cos, rope.sin)
@@ -291,7 +295,7 @@ class Traced(BlockPath):
         else:
             qk = apply_rope(qkv[:, :, :2], rope.cos[:, None, None, :], rope.sin[:, None, None, :])
         q, k = (t.transpose(1, 2) for t in qk.unbind(2))  # (B, h, T, hd)
-        return _attend(attn, q, k, qkv[:, :, 2].transpose(1, 2))
+        return _attend(attn, q, k, qkv[:, :, 2].transpose(1, 2), mask)
 
     def mlp(self, mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:
         return mlp(x)
@@ -321,9 +325,7 @@ def supported(blk: Block) -> bool:
     return isinstance(blk.mlp, SwiGLU) and not blk.post_norm
 
 
-def choose(
-    x: torch.Tensor, blocks: nn.ModuleList, reuse_buffers: bool = True, rope: bool = True
-) -> BlockPath | None:
+def choose(x: torch.Tensor, blocks: nn.ModuleList, reuse_buffers: bool = True, rope: bool = True) -> BlockPath | None:
     """The block form for one model call on tokens `x` (B, T, D); None means the reference layers
     (always for a layout the forms do not implement, see `supported`, even inside `use`).
 

@@ -55,7 +55,8 @@ class Attention(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps) if inner_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: RopeTables | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). `mask` (B, 1, 1, T) bool: the keys each sequence may attend to (None: all)."""
         B, T, D = x.shape
         bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))  # (3D,)
         qkv = F.linear(x, self.qkv.weight, bias)  # (B, T, 3D)
@@ -63,7 +64,7 @@ class Attention(nn.Module):
         if rope is not None:  # rotate by position (rope.py); the class token's table entry is the identity
             q = apply_rope(q, rope.cos, rope.sin)  # (B, h, T, hd)
             k = apply_rope(k, rope.cos, rope.sin)  # (B, h, T, hd)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, h, T, hd), softmax(q k^T / sqrt(hd)) v
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, T, hd), softmax(q k^T / sqrt(hd)) v
         x = x.transpose(1, 2).reshape(B, T, D)  # (B, T, D): the heads side by side
         return self.proj(self.norm(x))  # (B, T, D); norm: CLIP B/L's inner LayerNorm, else the identity
 
@@ -97,6 +98,42 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc_out(F.gelu(self.fc_in(x)))  # (B, T, H) inside, (B, T, D) out; exact (erf) GELU
+
+
+class Windows:
+    """Non-overlapping size x size windows over a (H, W) grid of tokens (ViTDet's window attention).
+
+    `split` lays the tokens (B, H*W, D) out as (B * nW, size*size, D), zero-padding the grid to whole
+    windows; `merge` undoes it and drops the padding. With `mask_padding`, `mask` (B * nW, 1, 1, size^2)
+    keeps the padded keys out of every softmax, so padding never reaches a real token (ViTDet lets the
+    padded keys in; both agree when the grid divides by the window size, where `mask` is None).
+    """
+
+    def __init__(self, grid: tuple[int, int], size: int, batch: int, mask_padding: bool, device) -> None:
+        H, W = grid
+        self.grid, self.size = grid, size
+        self.rows, self.cols = -(-H // size), -(-W // size)  # windows per column and per row
+        self.mask = None
+        if mask_padding and (H % size or W % size):
+            real = torch.zeros(self.rows * size, self.cols * size, dtype=torch.bool, device=device)
+            real[:H, :W] = True
+            keys = real.view(self.rows, size, self.cols, size).transpose(1, 2).reshape(-1, size * size)  # (nW, s^2)
+            self.mask = keys.repeat(batch, 1)[:, None, None, :]  # (B * nW, 1, 1, s^2)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, D = x.shape
+        (H, W), s = self.grid, self.size
+        x = x.view(B, H, W, D)
+        x = F.pad(x, (0, 0, 0, self.cols * s - W, 0, self.rows * s - H))  # (B, rows*s, cols*s, D), zeros
+        x = x.view(B, self.rows, s, self.cols, s, D).transpose(2, 3)  # (B, rows, cols, s, s, D)
+        return x.reshape(B * self.rows * self.cols, s * s, D)
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        D = x.shape[-1]
+        (H, W), s = self.grid, self.size
+        x = x.view(-1, self.rows, self.cols, s, s, D).transpose(2, 3)  # (B, rows, s, cols, s, D)
+        x = x.reshape(-1, self.rows * s, self.cols * s, D)[:, :H, :W]  # padding dropped
+        return x.reshape(-1, H * W, D)
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -137,13 +174,19 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         rope: RopeTables | None,
-        path: Callable[[Block, torch.Tensor, RopeTables], torch.Tensor] | None = None,
+        path: Callable[..., torch.Tensor] | None = None,
+        windows: Windows | None = None,
     ) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D). `path`: a faster form of this same forward, chosen by `fast.choose`
         for the whole model call; it is passed in rather than called from outside so that what wraps a
-        block (gradient checkpointing, FSDP, hooks) wraps it too."""
+        block (gradient checkpointing, FSDP, hooks) wraps it too. `windows`: attend within windows
+        (then `rope` holds the tables of one window)."""
         if path is not None:
-            return path(self, x, rope)
+            return path(self, x, rope, windows)
+        if windows is not None:  # dense backbones: attention within windows, the rest per token
+            h = self.attn(windows.split(self.norm1(x)), rope, windows.mask)  # (B * nW, s*s, D)
+            x = x + drop_path(windows.merge(h), self.drop_path, self.training)  # (B, T, D)
+            return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
         if self.post_norm:
             x = x + drop_path(self.norm1(self.attn(x, rope)), self.drop_path, self.training)  # (B, T, D)
             x = x + drop_path(self.norm2(self.mlp(x)), self.drop_path, self.training)  # (B, T, D)

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from eva02.model import fast
 from eva02.model.config import Eva02Config
-from eva02.model.layers import Block, PatchEmbed, SwiGLU
+from eva02.model.layers import Block, PatchEmbed, SwiGLU, Windows
 from eva02.model.rope import RopeTables, rope_complex, rope_tables
 
 OUT_TYPES = ("raw", "cls_token", "featmap", "avg_featmap", "embedding")
@@ -50,8 +50,9 @@ class Eva02(nn.Module):
         self.cfg = cfg
         D = cfg.dim
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid**2, D))
+        # Dense backbones keep no class token (nor its position slot): the sequence is the patches alone.
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.cls_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix + cfg.grid**2, D))
         dpr = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear in depth
         self.blocks = nn.ModuleList(
             Block(D, cfg.heads, cfg.mlp_hidden, cfg.sub_ln, cfg.norm_eps, dpr[i], cfg.attn_norm, cfg.mlp, cfg.post_norm)
@@ -96,7 +97,7 @@ class Eva02(nn.Module):
     def _real_rope(self, grid: tuple[int, int], device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos and sign-folded sin tables (1 + H*W, head_dim) for a grid (see `rope.rope_tables`)."""
         c = self.cfg
-        return rope_tables(grid, c.head_dim, c.ref_grid, c.rope_theta, num_prefix=1, device=device)
+        return rope_tables(grid, c.head_dim, c.ref_grid, c.rope_theta, num_prefix=c.num_prefix, device=device)
 
     def _apply(self, fn, recurse: bool = True):
         # Every move, cast or `to_empty` goes through here. The tables are rebuilt afterwards on their
@@ -120,7 +121,8 @@ class Eva02(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
         for i, blk in enumerate(self.blocks, start=1):
             blk.attn.q_bias.zero_()
             blk.attn.v_bias.zero_()
@@ -146,7 +148,7 @@ class Eva02(nn.Module):
     def set_img_size(self, img_size: int) -> None:
         """Make `img_size` the native size: resample the position embedding parameter to its grid."""
         new = self.cfg.replace(img_size=img_size)  # validates divisibility
-        pos = resample_pos_embed(self.pos_embed.data, (self.cfg.grid,) * 2, (new.grid,) * 2)
+        pos = resample_pos_embed(self.pos_embed.data, (self.cfg.grid,) * 2, (new.grid,) * 2, new.num_prefix)
         self.pos_embed = nn.Parameter(pos, requires_grad=self.pos_embed.requires_grad)
         self.cfg = new
         self._pos_cache.clear()
@@ -205,13 +207,13 @@ class Eva02(nn.Module):
         if grid == native:
             return self.pos_embed
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self.pos_embed.requires_grad):
-            return resample_pos_embed(self.pos_embed, native, grid)  # no cache: see rope_for
+            return resample_pos_embed(self.pos_embed, native, grid, self.cfg.num_prefix)  # no cache: see rope_for
         key = (grid, self.pos_embed.device, self.pos_embed.dtype, self.pos_embed._version)
         pos = self._pos_cache.get(key)
         if pos is None:
             self._pos_cache.clear()  # one stale grid at a time is enough
             with torch.inference_mode(False):
-                pos = resample_pos_embed(self.pos_embed.detach(), native, grid)
+                pos = resample_pos_embed(self.pos_embed.detach(), native, grid, self.cfg.num_prefix)
             self._pos_cache[key] = pos
         return pos
 
@@ -231,24 +233,37 @@ class Eva02(nn.Module):
         if mask is not None:
             w = mask.unsqueeze(-1).type_as(x)
             x = x * (1.0 - w) + mask_token.to(x.dtype) * w
+        pos = self.pos_embed_for(grid).to(x.dtype)
+        if self.cls_token is None:  # dense backbones: the patches alone
+            return x + pos
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+N, D)
-        return x.add_(self.pos_embed_for(grid).to(x.dtype))  # in place: cat's output is fresh and not saved
+        return x.add_(pos)  # in place: cat's output is fresh and not saved
 
-    def _run_block(self, blk: Block, x: torch.Tensor, rope: RopeTables, path: fast.BlockPath | None) -> torch.Tensor:
+    def _run_block(
+        self, blk: Block, x: torch.Tensor, rope: RopeTables | None, path: fast.BlockPath | None, windows: Windows | None
+    ) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(blk, x, rope, path, use_reentrant=False)
-        return blk(x, rope, path)
+            return checkpoint(blk, x, rope, path, windows, use_reentrant=False)
+        return blk(x, rope, path, windows)
 
     def forward_tokens(self, x: torch.Tensor, grid: tuple[int, int], indices: Sequence[int] = ()):
         """Run all blocks on tokens; return final raw tokens and the raw outputs of blocks in `indices`.
 
         The form every block runs in (reference or one of `fast.py`'s) is chosen here, once per call.
         """
+        c = self.cfg
         rope = self.rope_for(grid, x.device)
         path = fast.choose(x, self.blocks, self.reuse_buffers, rope=rope is not None)
+        windows = win_rope = None
+        if c.window_size:  # dense backbones: one window layout and one window RoPE table for all windowed blocks
+            windows = Windows(grid, c.window_size, x.shape[0], c.window_pad_mask, x.device)
+            win_rope = self.rope_for((c.window_size, c.window_size), x.device)
         keep = {}
         for i, blk in enumerate(self.blocks):
-            x = self._run_block(blk, x, rope, path)
+            if c.windowed(i):
+                x = self._run_block(blk, x, win_rope, path, windows)
+            else:
+                x = self._run_block(blk, x, rope, path, None)
             if i in indices:
                 keep[i] = x
         return x, [keep[i] for i in indices]
@@ -264,7 +279,7 @@ class Eva02(nn.Module):
         if self.cfg.pool == "token":  # CLIP towers: the class token, normalised with the others by `norm`
             x = x[:, 0]
         else:
-            x = self.fc_norm(x[:, 1:].mean(dim=1))
+            x = self.fc_norm(x[:, self.cfg.num_prefix :].mean(dim=1))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -307,7 +322,7 @@ class Eva02(nn.Module):
         feats = []
         for t in outs:
             t = self.norm(t) if norm else t
-            prefix, patches = t[:, :1], t[:, 1:]  # (B, 1, D), (B, N, D)
+            prefix, patches = t[:, : self.cfg.num_prefix], t[:, self.cfg.num_prefix :]  # (B, 1 or 0, D), (B, N, D)
             if output_fmt == "NCHW":
                 patches = patches.transpose(1, 2).reshape(t.shape[0], -1, *grid)  # (B, D, H, W)
             feats.append((patches, prefix) if return_prefix_tokens else patches)
@@ -328,6 +343,8 @@ class Eva02(nn.Module):
         """
         if out_type not in OUT_TYPES:
             raise ValueError(f"out_type must be one of {OUT_TYPES}, got {out_type!r}")
+        if out_type == "cls_token" and not self.cfg.cls_token:
+            raise ValueError("out_type='cls_token': this dense backbone has no class token (use 'featmap')")
         if out_type == "embedding" and not (self.cfg.pool == "token" and self.is_classifier):
             raise ValueError("out_type='embedding' is the joint-space embedding of EVA-02-CLIP image towers; "
                              "this model has none (use 'avg_featmap' or 'cls_token')")  # fmt: skip
@@ -345,7 +362,7 @@ class Eva02(nn.Module):
             if out_type == "cls_token":
                 res.append(t[:, 0])
             elif out_type == "featmap":
-                res.append(t[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, *grid))
+                res.append(t[:, self.cfg.num_prefix :].transpose(1, 2).reshape(t.shape[0], -1, *grid))
             elif out_type == "embedding":
                 res.append(self.forward_head(t))
             else:

@@ -193,7 +193,7 @@ def clip_from_ours(sd: StateDict, fmt: str, cfg: Eva02Config | None = None) -> S
     """Convert our `Eva02Clip` state dict to format `fmt` (the inverse of `clip_to_ours`); `cfg`: the image tower's."""
     if fmt not in CLIP_TABLES:
         raise ValueError(f"unknown CLIP checkpoint format {fmt!r}; use one of {CLIP_FORMATS}")
-    visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    visual = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
     return _convert(sd, _applicable(CLIP_TABLES[fmt], _blocks_ours(visual, cfg), "token"), "ours", "theirs", fmt)
 
 
@@ -439,13 +439,19 @@ def resample_patch_embed(weight: Tensor, new_size: int, mode: str = "bicubic", a
 def fit_to_config(sd: StateDict, cfg: Eva02Config) -> StateDict:
     """Resample the patch kernel and the position embedding of our state dict to `cfg`'s patch and grid."""
     sd = dict(sd)
+    pos = sd.get("pos_embed")
+    if not cfg.cls_token:  # a dense backbone from a model with a class token: the token and its slot go
+        sd.pop("cls_token", None)
+        if pos is not None and pos.ndim == 3 and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1:
+            sd["pos_embed"] = pos[:, 1:]
     w = sd.get("patch_embed.proj.weight")
     if w is not None and w.ndim == 4 and w.shape[-1] != cfg.patch_size and w.shape[-1] == w.shape[-2]:
         sd["patch_embed.proj.weight"] = resample_patch_embed(w, cfg.patch_size)
-    pos = sd.get("pos_embed")
-    if pos is not None and pos.ndim == 3 and pos.shape[1] != 1 + cfg.grid**2:
-        old = math.isqrt(pos.shape[1] - 1)
-        if old * old != pos.shape[1] - 1:
-            raise ValueError(f"checkpoint pos_embed {tuple(pos.shape)} is not a square grid plus a cls slot")
-        sd["pos_embed"] = resample_pos_embed(pos, (old, old), (cfg.grid, cfg.grid))
+    pos, prefix = sd.get("pos_embed"), cfg.num_prefix
+    if pos is not None and pos.ndim == 3 and pos.shape[1] != prefix + cfg.grid**2:
+        old = math.isqrt(pos.shape[1] - prefix)
+        if old * old != pos.shape[1] - prefix:
+            slot = " plus a cls slot" if prefix else ""
+            raise ValueError(f"checkpoint pos_embed {tuple(pos.shape)} is not a square grid{slot}")
+        sd["pos_embed"] = resample_pos_embed(pos, (old, old), (cfg.grid, cfg.grid), prefix)
     return sd
