@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from eva02.data.images import ImageError, ImageSource, load_image
 from eva02.data.transforms import eval_transform, preprocess_for_model
+from eva02.dtypes import DTYPES, autocast, autocast_dtype, canonical
 from eva02.imagenet import IMAGENET_CLASSES
 from eva02.model.vit import Eva02
 from eva02.weights.zoo import Preprocess
@@ -121,7 +122,8 @@ def class_names_for(num_classes: int, class_names: Sequence[str] | None = None) 
     return [f"class_{i}" for i in range(num_classes)]
 
 
-AUTOCAST_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The autocast dtype of each word of `eva02.dtypes` (None: full precision), for `eva02.serve.runner`.
+AUTOCAST_DTYPES = {None: None, **{word: autocast_dtype(word) for word in DTYPES}}
 
 
 class Predictor:
@@ -165,11 +167,9 @@ class Predictor:
 
     def set_dtype(self, dtype: str | None) -> None:
         """Compute precision: None/'fp32', or 'bf16' / 'fp16' autocast (fp16 on CUDA only)."""
-        if dtype not in AUTOCAST_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(k for k in AUTOCAST_DTYPES if k)}, got {dtype!r}")
-        if dtype == "fp16" and self.device.type != "cuda":
+        if canonical(dtype) == "fp16" and self.device.type != "cuda":
             raise ValueError("dtype 'fp16' needs a CUDA device; on CPU use 'bf16' or 'fp32'")
-        self.autocast_dtype = AUTOCAST_DTYPES[dtype]
+        self.autocast_dtype = autocast_dtype(dtype)
 
     @property
     def amp(self) -> bool:
@@ -183,8 +183,7 @@ class Predictor:
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         """Preprocessed images (B, 3, S, S) -> class probabilities (B, C) float32."""
         x = batch.to(self.device, non_blocking=True)
-        dt = self.autocast_dtype
-        with torch.autocast(self.device.type, dtype=dt or torch.bfloat16, enabled=dt is not None):
+        with autocast(self.device.type, self.autocast_dtype):
             if self.compile_options:
                 import torch._inductor.config as inductor_config
 

@@ -115,7 +115,7 @@ def test_train_dtype_and_batch_size_set_the_config(tmp_path) -> None:
 
     cfg_file = str(REPO / "configs" / "eva02" / "eva02_tiny_p14_8xb16_in1k.py")
     cfg, _, _ = _resolve(parse("train", cfg_file, "--dtype", "fp32", "-b", "8"))
-    assert cfg.train.amp == "none" and cfg.data.batch_size == 8
+    assert cfg.train.amp == "fp32" and cfg.data.batch_size == 8
     # the last word wins, as with two --set of the same field
     cfg, _, _ = _resolve(parse("train", cfg_file, "-b", "8", "--set", "data.batch_size=4", "--dtype", "bf16"))
     assert cfg.train.amp == "bf16" and cfg.data.batch_size == 4

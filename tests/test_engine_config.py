@@ -77,7 +77,7 @@ def test_overrides_are_typed() -> None:
         ("optim.lr=fast", "--set: optim.lr='fast': expects float"),
         ("data.batch_size=1.5", "--set: data.batch_size=1.5: expects int"),
         ("ema.enabled=maybe", "--set: ema.enabled='maybe': expects bool"),
-        ("train.amp=fp8", "--set: train.amp='fp8': expects one of 'none', 'bf16', 'fp16'"),
+        ("train.amp=fp8", "--set: train.amp='fp8': expects one of 'fp32', 'bf16', 'fp16'"),
         ("optim.lr", "--set: config option 'optim.lr' is not KEY=VALUE"),
     ],
 )

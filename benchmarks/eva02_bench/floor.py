@@ -9,7 +9,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .models import DTYPES, BenchSize, build_model
+from eva02.dtypes import autocast_dtype, canonical, torch_dtype
+
+from .models import BenchSize, build_model
 from .timing import infer_fn, sync, time_interleaved, train_step
 
 # The kernels no implementation of the architecture can skip: matrix products (linears and head),
@@ -150,14 +152,13 @@ def bench_floor(
     and convolution. With `dtype` bf16/fp16, inference runs with the weights in that dtype and
     training under its autocast, as in `bench_size`.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    dtype = canonical(dtype)  # before anything is built: a bad word fails at once
     dev = torch.device(device)
     B = batch or size.batch
     cfg = size.config()
     x = torch.randn(B, 3, size.img_size, size.img_size, device=dev)
     y = torch.randint(0, cfg.num_classes, (B,), device=dev)
-    amp = None if dtype == "fp32" else DTYPES[dtype]
+    amp = autocast_dtype(dtype)
     out: dict = {"batch": B, "img_size": size.img_size, "variant": size.variant, "mode": "train" if train else "infer",
                  "impls": list(impls), "device": device, "dtype": dtype}  # fmt: skip
     fns = {}
@@ -167,7 +168,7 @@ def bench_floor(
             opt = torch.optim.AdamW(m.train().parameters(), lr=1e-5)
             fns[impl] = lambda m=m, opt=opt: train_step(m, opt, x, y, amp)
         else:
-            fns[impl] = infer_fn(m.eval().to(DTYPES[dtype]), x.to(DTYPES[dtype]))
+            fns[impl] = infer_fn(m.eval().to(torch_dtype(dtype)), x.to(torch_dtype(dtype)))
         fns[impl]()  # warm (tables, allocator) before recording
         sync(dev)
         out[impl] = kernel_floor(fns[impl], rounds, dev)

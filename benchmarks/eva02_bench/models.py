@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from eva02.dtypes import DTYPES  # noqa: F401 (the dtype words, re-exported for the harness's callers)
 from eva02.extras import need
 from eva02.model.config import VARIANTS, Eva02Config
 from eva02.model.vit import Eva02
 
 IMPLS = ("ours", "timm", "mmpretrain")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from eva02.dtypes import autocast_dtype, canonical, torch_dtype
+
 from .floor import bench_floor
 from .memory import measure_memory, measure_memory_cuda
-from .models import DTYPES, BenchSize, build_model, get_size
+from .models import BenchSize, build_model, get_size
 from .timing import bench_size, matmul_flops_per_s
 
 
@@ -94,12 +96,11 @@ def run_benchmark(
     """
     for name in sizes:
         get_size(name)  # fail on a typo before minutes of measuring
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    dtype = canonical(dtype)
     if threads:
         torch.set_num_threads(threads)
     sys.path[:0] = [p for p in extra_path if p not in sys.path]
-    peak = matmul_flops_per_s(device=device, dtype=DTYPES[dtype])
+    peak = matmul_flops_per_s(device=device, dtype=torch_dtype(dtype))
     settings = {"rounds": rounds, "warmup": warmup, "compile": compile, "train": train, "dtype": dtype, "floor": floor}
     report = {"machine": machine_info(device), "settings": settings, "matmul_gflop_s": peak / 1e9, "results": {}}
     for name in sizes:
@@ -138,7 +139,7 @@ def _memory_all(size: BenchSize, impls, grad_ckpt: bool, device: str, dtype: str
                 model.set_grad_checkpointing(True)
             x = torch.randn(batch, 3, size.img_size, size.img_size, device=device)
             y = torch.randint(0, 1000, (batch,), device=device)
-            out[key] = measure_memory_cuda(model, x, y, None if dtype == "fp32" else DTYPES[dtype])
+            out[key] = measure_memory_cuda(model, x, y, autocast_dtype(dtype))
             del model
         except Exception as e:  # keep the other measurements; the report names what failed
             out[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import DTYPES, BenchSize, build_model, forward_flops, load_timm_weights
+from eva02.dtypes import autocast, autocast_dtype, torch_dtype
+
+from .models import BenchSize, build_model, forward_flops, load_timm_weights
 
 
 def sync(device: torch.device) -> None:
@@ -81,7 +83,7 @@ def matmul_flops_per_s(n: int | None = None, repeats: int = 5, device: str = "cp
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, amp) -> None:
     """One measured training step: forward (under autocast to `amp` when given), cross-entropy, backward, step."""
     opt.zero_grad(set_to_none=True)
-    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+    with autocast(x.device.type, amp):
         loss = F.cross_entropy(model(x), y)
     loss.backward()
     opt.step()
@@ -122,9 +124,9 @@ def bench_size(
     out["gflop_per_img"] = forward_flops(cfg) / 1e9
     if train:  # before inference: tables cached under inference_mode cannot be saved for backward
         y = torch.randint(0, cfg.num_classes, (B,), device=dev)
-        amp = None if dtype == "fp32" else DTYPES[dtype]
+        amp = autocast_dtype(dtype)
         out["train"] = _bench_train(models, x, y, rounds, warmup, amp, dev, compile)
-    out["infer"] = _bench_infer(models, x, rounds, warmup, compile, DTYPES[dtype], dev)
+    out["infer"] = _bench_infer(models, x, rounds, warmup, compile, torch_dtype(dtype), dev)
     return out
 
 

@@ -29,6 +29,7 @@ from eva02.cli.predict import (
     warn,
     worker_count,
 )
+from eva02.dtypes import autocast, autocast_dtype, canonical
 from eva02.fileio import atomic_write, check_output
 from eva02.hints import count
 
@@ -74,8 +75,7 @@ def extract(
     import torch
 
     device = next(model.parameters()).device
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None):
+    with torch.inference_mode(), autocast(device.type, autocast_dtype(dtype)):
         feats = model.extract_feat(batch.to(device), out_type=out_type, out_indices=out_indices)
     t = feats[0] if len(feats) == 1 else torch.stack(feats, dim=1)
     return t.float().cpu().numpy()
@@ -171,7 +171,7 @@ def features(args: argparse.Namespace) -> int:
         "out_type": args.out_type,
         "out_indices": json.dumps(args.out_indices),
         "img_size": str(pre.img_size),
-        "dtype": args.dtype or "fp32",
+        "dtype": canonical(args.dtype),
     }
     written = save_features(out, array, files, meta)
     shape, n = tuple(array.shape), count(len(files), "image")

@@ -12,11 +12,11 @@ import difflib
 from typing import TYPE_CHECKING
 
 from eva02.cli import CliError
+from eva02.dtypes import DTYPES  # noqa: F401 (the --dtype words, for the command modules)
 
 if TYPE_CHECKING:
     from eva02.weights.zoo import ZooEntry
 
-DTYPES = ("fp32", "bf16", "fp16")
 HIDDEN = argparse.SUPPRESS
 
 

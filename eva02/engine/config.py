@@ -34,6 +34,7 @@ from eva02.engine.config_check import (  # noqa: F401 (the checking API, re-expo
     _hints,
     check_config,
     coerce,
+    fit_word,
     get_value,
     override,
     parse_options,
@@ -147,7 +148,7 @@ class CheckpointCfg(_Section):
 class TrainCfg(_Section):
     """How the loop runs: precision, parallelism, memory, logging, reproducibility."""
 
-    amp: str = "none"  # 'none' | 'bf16' | 'fp16' (fp16 uses dynamic loss scaling)
+    amp: str = "fp32"  # 'fp32' | 'bf16' | 'fp16' autocast (fp16 uses dynamic loss scaling); 'none' reads as 'fp32'
     parallel: str = "ddp"  # 'ddp' | 'fsdp' (FSDP2 fully_shard per block; for the large models)
     grad_checkpointing: bool = False
     compile: bool = False
@@ -237,7 +238,7 @@ def changed_keys(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     out = []
     for sec, sub in cfg.to_dict().items():
         for k, v in sub.items():
-            old = saved.get(sec, {}).get(k, v)
+            old = fit_word(f"{sec}.{k}", saved.get(sec, {}).get(k, v))  # an older spelling is no change
             if _plain(old) != _plain(v):
                 out.append(f"{sec}.{k}")
     return out

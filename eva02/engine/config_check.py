@@ -16,6 +16,7 @@ import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from eva02 import dtypes
 from eva02.engine.tasks import TASKS
 from eva02.model.config import VARIANTS
 from eva02.weights.zoo import find_clip, resolve
@@ -104,7 +105,7 @@ RULES: dict[str, Rule] = {
     "checkpoint.every_epochs": NON_NEGATIVE,
     "checkpoint.every_steps": NON_NEGATIVE,
     "checkpoint.keep_last": (lambda v: v >= 1, "{type} >= 1"),  # the newest periodic file is always kept
-    "train.amp": _one_of("none", "bf16", "fp16"),
+    "train.amp": _one_of(*dtypes.DTYPES),
     "train.parallel": _one_of("ddp", "fsdp"),
     "train.seed": NON_NEGATIVE,
     "train.eval_every_epochs": NON_NEGATIVE,
@@ -122,6 +123,15 @@ RULES: dict[str, Rule] = {
     "mim.max_num": NON_NEGATIVE,
     "mim.min_aspect": (lambda v: 0 < v <= 1, "{type} in (0, 1]"),
 }
+
+# Older spellings of a field's words, read as the current word (which is what the config then holds).
+WORD_ALIASES: dict[str, dict[str, str]] = {"train.amp": dtypes.ALIASES}
+
+
+def fit_word(key: str, value: Any) -> Any:
+    """`value` of field `key` with an older spelling replaced by the current word."""
+    return WORD_ALIASES.get(key, {}).get(value, value) if isinstance(value, str) else value
+
 
 # Checks that span fields: (key, check of the whole config, what is allowed; '{cfg}' is the config).
 CROSS_RULES: list[tuple[str, Callable[[RunConfig], bool], str]] = [
@@ -152,7 +162,7 @@ def section_problems(sub: Any, section: str) -> list[str]:
     for name, tp in _hints(type(sub)).items():
         key = f"{section}.{name}"
         try:
-            value = coerce(getattr(sub, name), tp, key, text=False)
+            value = fit_word(key, coerce(getattr(sub, name), tp, key, text=False))
         except ConfigError as e:
             problems += e.problems
             continue

@@ -6,21 +6,14 @@ padding keys (>= dataset size) and images that failed to load are left out of th
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from typing import Any
 
 import torch
 from torch import nn
 
+from eva02.dtypes import autocast
 from eva02.engine.dist import all_reduce_sum
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Mixed-precision context for `dtype` (None: full precision)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -49,7 +42,7 @@ def evaluate_classifier(
         keep = batch["index"] < n  # padding keys only make the ranks' lengths equal
         images = batch["images"].to(device, non_blocking=True)
         targets = batch["targets"].to(device, non_blocking=True)
-        with autocast(device, amp):
+        with autocast(device.type, amp):
             logits = model(images)
         logits, targets, keep = logits.float(), targets, keep.to(device)
         k = min(5, num_classes)

@@ -19,11 +19,11 @@ import torch
 
 from eva02 import hints
 from eva02.data.datasets import EvalSampler, PaddedDataset, TrainSampler
+from eva02.dtypes import autocast, autocast_dtype
 from eva02.engine.checkpointer import COUNTERS, Checkpointer, TrainingError
 from eva02.engine.config import RunConfig, save_config
 from eva02.engine.dist import DistInfo, all_reduce_sum, init_distributed
 from eva02.engine.ema import ModelEma
-from eva02.engine.evaluate import autocast
 from eva02.engine.loader import make_loader, step_seed, to_device
 from eva02.engine.optim import build_optimizer
 from eva02.engine.parallel import no_grad_sync, parallelize, unwrap
@@ -33,8 +33,6 @@ from eva02.engine.tasks import Task, task_for
 from eva02.engine.workdir import claim_work_dir
 from eva02.fileio import DirLock
 from eva02.threads import set_threads
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def accumulation(cfg: RunConfig, world: int) -> int:
@@ -111,7 +109,7 @@ class Trainer:
             f"{hints.count(info.world_size, 'process', 'processes')} x {self.accum} accumulation; "
             f"{hints.count(self.steps_per_epoch, 'step')} per epoch, {hints.count(self.total_steps, 'step')} in all"
         )
-        self.amp = AMP_DTYPES[t.amp]
+        self.amp = autocast_dtype(t.amp)
         model = self.task.build_model(cfg)
         self.loss_fn = self.task.build_loss(cfg).to(info.device)
         fsdp_mp = self.amp if t.parallel == "fsdp" else None
@@ -122,7 +120,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, o.layer_decay, depth, o.betas, o.eps)
         warmup = round(s.warmup_epochs * self.steps_per_epoch)
         self.schedule = CosineSchedule(self.optimizer, o.lr, self.total_steps, warmup, s.min_lr, s.warmup_lr)
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=t.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp == torch.float16)
         self.checkpointer = Checkpointer(cfg, self.work_dir, info, self.task, self.model, self.optimizer,
                                          self.schedule, self.scaler, self.ema, self.global_batch)  # fmt: skip
         self.epoch, self.step_in_epoch, self.global_step, self.best = 0, 0, 0, -math.inf
@@ -161,7 +159,7 @@ class Trainer:
             if batch.get("images") is None:
                 raise TrainingError("every image of a batch failed to load; check the dataset files")
             n = batch["images"].shape[0]
-            with no_grad_sync(self.model, micro == self.accum - 1), autocast(device, self.amp):
+            with no_grad_sync(self.model, micro == self.accum - 1), autocast(device.type, self.amp):
                 loss = self.loss_fn(self.model, to_device(batch, device))
             self.scaler.scale(loss / self.accum).backward()
             loss = loss.detach().double()
