@@ -49,7 +49,7 @@ from eva02.data.images import ImageSource, iter_image_paths, load_image
 from eva02.data.transforms import eval_transform
 from eva02.extras import need
 from eva02.fileio import DirLock, LockedError, OutputError, atomic_write, clean_stale_temps
-from eva02.model.clip import Eva02Clip
+from eva02.model.clip import ClipConfig, Eva02Clip
 from eva02.weights.zoo import Preprocess
 
 PathLike = str | os.PathLike
@@ -62,14 +62,15 @@ _DTYPES = {torch.float16: "F16", torch.int64: "I64", torch.uint8: "U8"}
 
 
 class IndexMismatch(ValueError):
-    """An index (or an unfinished build) at `where` holds embeddings of `stored`, not of the `current` model."""
+    """An index (or an unfinished build) at `where` holds embeddings of `stored`, not of the `current` model,
+    whose `why` ('config', 'preprocessing' or 'weights') differs."""
 
-    def __init__(self, where: str, stored: dict[str, Any], current: dict[str, Any], fix: str) -> None:
+    def __init__(self, where: str, stored: dict[str, Any], current: dict[str, Any], why: str, fix: str) -> None:
         super().__init__(
-            f"{where} holds embeddings of {describe_model(stored)}, not of {describe_model(current)} "
-            f"(models are never mixed in one index); {fix}"
+            f"{where} holds embeddings of {describe_model(stored)}, not of {describe_model(current)} (other {why}; "
+            f"models are never mixed in one index); {fix}"
         )
-        self.where, self.stored, self.current = where, stored, current
+        self.where, self.stored, self.current, self.why = where, stored, current, why
 
 
 @dataclass(frozen=True)
@@ -138,18 +139,27 @@ def describe_model(info: dict[str, Any]) -> str:
     return info.get("name") or info.get("checkpoint") or "a CLIP model without a name"
 
 
-def same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+def _canonical(d: dict[str, Any], cls: Any) -> str:
+    """A record's config or preprocessing as sorted JSON, with the fields added since it was written
+    filled in with their defaults (so an older index still matches its model)."""
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        d = cls.from_dict(d).to_dict() if cls is ClipConfig else asdict(cls(**d))
+    return json.dumps(d, sort_keys=True)
 
 
 def check_same_model(stored: dict[str, Any], current: dict[str, Any], where: str, fix: str) -> None:
-    """IndexMismatch (one line naming `where`, both models and `fix`) unless both are the same model."""
-    same = same_config(stored["config"], current["config"]) and same_config(stored["preprocess"], current["preprocess"])
-    if same and "probe" in stored and "probe" in current:
+    """IndexMismatch (one line naming `where`, both models and `fix`) unless both are the same model:
+    same config, same preprocessing and, where both records have one, the same probe embedding."""
+    why = ""
+    if _canonical(stored["config"], ClipConfig) != _canonical(current["config"], ClipConfig):
+        why = "config"
+    elif _canonical(stored["preprocess"], Preprocess) != _canonical(current["preprocess"], Preprocess):
+        why = "preprocessing"
+    elif "probe" in stored and "probe" in current:
         a, b = torch.tensor(stored["probe"]), torch.tensor(current["probe"])
-        same = F.cosine_similarity(a, b, dim=0).item() >= PROBE_MIN_COSINE
-    if not same:
-        raise IndexMismatch(where, stored, current, fix)
+        why = "weights" if F.cosine_similarity(a, b, dim=0).item() < PROBE_MIN_COSINE else ""
+    if why:
+        raise IndexMismatch(where, stored, current, why, fix)
 
 
 # ------------------------------------------------------------------------------------ file format

@@ -201,3 +201,21 @@ def test_ann_agrees_with_exact_search_on_easy_data(tmp_path) -> None:
     rewritten = synthetic(tmp_path, 3000, 32)  # a new version of the index: the saved faiss index is stale
     with pytest.raises(ValueError, match="earlier version"):
         R.load_ann(rewritten)
+
+
+def test_a_record_from_before_a_config_field_was_added_still_matches(clip) -> None:
+    """An index written before Eva02Config grew a field (its record lacks it) matches the same model;
+    a field of another value does not."""
+    from dataclasses import MISSING, fields
+
+    info = R.model_info(clip)
+    cfg = clip.cfg.vision
+    name = next(f.name for f in fields(cfg) if f.default is not MISSING and getattr(cfg, f.name) == f.default)
+    older = json.loads(json.dumps(info))
+    del older["config"]["vision"][name]
+    R.check_same_model(older, info, "old.safetensors", "")
+    other = json.loads(json.dumps(info))
+    other["config"]["vision"]["depth"] += 1
+    with pytest.raises(R.IndexMismatch, match="other config") as e:
+        R.check_same_model(other, info, "old.safetensors", "")
+    assert e.value.why == "config"

@@ -356,11 +356,11 @@ def mismatch_message(e, out: Path) -> str:
     now, then = describe_model(e.current), describe_model(e.stored)
     if Path(e.where) == out:
         return (
-            f"{out} holds embeddings of {then}, not of {now}, and models are never mixed in one index; "
-            f"update it with {model_flags(e.stored)}, or rebuild it with --force"
+            f"{out} holds embeddings of {then}, not of {now} (other {e.why}), and models are never mixed in one "
+            f"index; update it with {model_flags(e.stored)}, or rebuild it with --force"
         )
     return (
-        f"{e.where} holds an unfinished index made with {then}, not with {now}; finish it with "
+        f"{e.where} holds an unfinished index made with {then}, not with {now} (other {e.why}); finish it with "
         f"{model_flags(e.stored)}, or pass --force to discard it"
     )
 
