@@ -137,3 +137,30 @@ def test_the_model_rotates_each_window_by_its_own_positions() -> None:
         h = tokens + _window_reference(blk.attn, blk.norm1(tokens), (6, 6), 4, m.cfg.head_dim)
         ref = h + blk.mlp(blk.norm2(h))
     torch.testing.assert_close(out0, ref, rtol=1e-7, atol=1e-7)  # the model's RoPE tables are fp32
+
+
+# ------------------------------------------------------------------------------- simple pyramid
+def test_official_global_blocks() -> None:
+    from eva02.model.config import dense_config
+
+    assert dense_config(VARIANTS["base"], 1024).global_blocks == (2, 5, 8, 11)
+    assert dense_config(VARIANTS["large"], 1024).global_blocks == (5, 11, 17, 23)
+    cfg = dense_config(VARIANTS["large"], 640)
+    assert (cfg.grid, cfg.patch_size, cfg.window_size, cfg.cls_token) == (40, 16, 16, False)
+
+
+@pytest.mark.parametrize("img,grid", [(512, 32), (640, 40), (560, 35)])
+def test_pyramid_shapes(img: int, grid: int) -> None:
+    """Strides 4, 8, 16, 32 (and 64) of 256 channels at 512 and 640 px and on an odd grid (35: padded
+    windows, pooling rounding down)."""
+    from eva02.model.config import dense_config
+    from eva02.model.dense import DenseBackbone, SimpleFeaturePyramid
+
+    cfg = dense_config(VARIANTS["test"].replace(depth=2), img, window_size=16, global_blocks=(1,))
+    net = DenseBackbone(Eva02(cfg), SimpleFeaturePyramid(cfg.dim, 16, 256, top_level=True)).eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, img, img))
+    sides = {"p2": grid * 4, "p3": grid * 2, "p4": grid, "p5": grid // 2, "p6": -(-(grid // 2) // 2)}
+    assert list(out) == ["p2", "p3", "p4", "p5", "p6"] == net.pyramid.levels
+    for level, side in sides.items():
+        assert out[level].shape == (1, 256, side, side), level

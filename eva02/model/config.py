@@ -124,6 +124,25 @@ def _size(dim: int, depth: int, heads: int, sub_ln: bool) -> Eva02Config:
     return Eva02Config(dim=dim, depth=depth, heads=heads, mlp_hidden=int(dim * 4 * 2 / 3), sub_ln=sub_ln)
 
 
+def dense_config(
+    cfg: Eva02Config,
+    img_size: int,
+    window_size: int = 16,
+    global_blocks: tuple[int, ...] | None = None,
+    patch_size: int = 16,
+) -> Eva02Config:
+    """The dense-backbone form of `cfg` (EVA-02 det/seg, ViTDet): no class token, no head, attention in
+    windows except in `global_blocks`, by default the last block of each quarter of the depth (base:
+    2, 5, 8, 11; large: 5, 11, 17, 23, as the official configs)."""
+    if global_blocks is None:
+        q = cfg.depth // 4
+        global_blocks = tuple(q * (k + 1) - 1 for k in range(4)) if q else (cfg.depth - 1,)
+    return cfg.replace(
+        img_size=img_size, patch_size=patch_size, num_classes=0, pool="avg", cls_token=False,
+        window_size=window_size, global_blocks=tuple(global_blocks),
+    )  # fmt: skip
+
+
 # The four released sizes, plus a 2-block model for fast tests. Large's hidden is int(1024*8/3) = 2730.
 VARIANTS: dict[str, Eva02Config] = {
     "test": Eva02Config(dim=128, depth=2, heads=2, mlp_hidden=341, sub_ln=True, img_size=56),
