@@ -194,20 +194,20 @@ def test_onnx_has_no_complex_tensors(onnx_dynamic):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_onnx_layout_computes_the_same_model(model, monkeypatch, dtype):
+def test_onnx_layout_computes_the_same_model(model, dtype):
     """The separate-projection layout traced for ONNX, run eagerly: same outputs as the fused layout,
     in fp32 and bf16 (q, k and v stay in the model's dtype)."""
     import copy
 
-    from eva02.export import separate_projections
-    from eva02.model import layers
+    from eva02.export import SeparateProjections, separate_projections
+    from eva02.model import fast
 
     m = copy.deepcopy(model).to(dtype)
     x = torch.randn(2, 3, 56, 56).to(dtype)
     with torch.no_grad():
         ref = m(x)
-        monkeypatch.setattr(layers, "traced", lambda: True)  # the layout is only taken while tracing
-        with separate_projections(m):
+        with separate_projections(m):  # `fast.use`: every model call takes the layout, traced or not
+            assert isinstance(fast.choose(torch.zeros(2, 17, 128, dtype=dtype), m.blocks), SeparateProjections)
             got = m(x)
     assert got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 3e-2
