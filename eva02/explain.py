@@ -43,17 +43,18 @@ NO_HEAD = "Grad-CAM explains a class score, and this model has no classifier hea
 
 
 # ---------------------------------------------------------------------------------- attention
-def block_attention(blk: Block, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+def block_attention(blk: Block, x: torch.Tensor, rope: RopeTables | None) -> torch.Tensor:
     """The attention probabilities (B, h, T, T) that block `blk` computes for its input x (B, T, D)."""
     attn = blk.attn
     B, T, D = x.shape
-    h = blk.norm1(x)  # (B, T, D)
+    h = x if blk.post_norm else blk.norm1(x)  # (B, T, D): what the attention reads (post-norm: the stream)
     # Only the q and k columns of the fused projection are needed; k has no bias.
     bias = torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias)))  # (2D,)
     qk = F.linear(h, attn.qkv.weight[: 2 * D], bias)  # (B, T, 2D)
     q, k = qk.view(B, T, 2, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, T, hd) each
-    q = apply_rope(q, rope.cos, rope.sin)
-    k = apply_rope(k, rope.cos, rope.sin)
+    if rope is not None:  # (towers without RoPE: CLIP-E)
+        q = apply_rope(q, rope.cos, rope.sin)
+        k = apply_rope(k, rope.cos, rope.sin)
     scores = (q @ k.transpose(-2, -1)) * attn.head_dim**-0.5  # (B, h, T, T)
     return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
 

@@ -250,3 +250,30 @@ def test_explain_errors_are_one_line_and_write_nothing(files, capsys) -> None:
     with pytest.raises(SystemExit) as e:  # argparse's own check, in the house format
         main(["explain", str(root / "cat.png"), "--checkpoint", str(ck), "-o", str(root / "o6"), "--method", "lime"])
     assert e.value.code == 2
+
+
+def test_attention_of_post_norm_towers_without_rope() -> None:
+    """The CLIP-E layout: attention reads the stream itself (norms after the branches), no RoPE."""
+    import torch
+
+    from eva02.explain import attention_maps, attention_rollout
+    from eva02.model.config import CLIP_VARIANTS
+    from eva02.model.vit import Eva02
+
+    torch.manual_seed(0)
+    cfg = CLIP_VARIANTS["E-14"].vision.replace(dim=64, heads=2, depth=2, mlp_hidden=128, img_size=56)
+    model = Eva02(cfg).double().eval()
+    seen = []
+    hooks = [blk.attn.proj.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for blk in model.blocks]
+    inputs = []
+    hooks += [blk.attn.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for blk in model.blocks]
+    x = torch.randn(2, 3, 56, 56, dtype=torch.float64)
+    probs = attention_maps(model, x, fuse_heads=False)
+    for h in hooks:
+        h.remove()
+    for blk, p, a_in, merged in zip(model.blocks, probs, inputs, seen, strict=True):
+        B, T, D = a_in.shape
+        v = torch.nn.functional.linear(a_in, blk.attn.qkv.weight[2 * D :], blk.attn.v_bias)
+        v = v.view(B, T, blk.attn.heads, -1).transpose(1, 2)
+        torch.testing.assert_close((p.to(v.dtype) @ v).transpose(1, 2).reshape(B, T, D), merged)
+    assert attention_rollout(model, x).shape == (2, 4, 4)
