@@ -16,6 +16,7 @@ EXTRAS = {
     "export": "onnx, onnxruntime and onnxscript",
     "mim": "open_clip_torch",
     "clip": "open_clip_torch",
+    "ann": "faiss-cpu",
     "serve": "fastapi, uvicorn, python-multipart and prometheus_client",
 }
 

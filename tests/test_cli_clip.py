@@ -87,7 +87,7 @@ def test_zero_shot_json_equals_a_direct_computation(files, capsys) -> None:
     )
     assert rc == 0, err
     recs = [json.loads(line) for line in out.splitlines()]
-    assert len(recs) == 9 and set(recs[0]) == {"path", "pred_label", "pred_index", "pred_score", "topk"}
+    assert len(recs) == 9 and set(recs[0]) == {"path", "pred_label", "pred_class", "pred_score", "topk"}
     clip = get_clip(None, pretrained=root / "a.safetensors")
     tf = eval_transform(Preprocess(img_size=56))
     x = torch.stack([tf(load_image(r["path"])) for r in recs])
@@ -98,10 +98,10 @@ def test_zero_shot_json_equals_a_direct_computation(files, capsys) -> None:
             @ zero_shot_classifier(clip, LABELS, templates)
         ).softmax(-1)
     for r, p in zip(recs, probs, strict=True):
-        assert r["pred_label"] == LABELS[int(p.argmax())] == LABELS[r["pred_index"]]
+        assert r["pred_class"] == LABELS[int(p.argmax())] == LABELS[r["pred_label"]]
         assert r["pred_score"] == pytest.approx(p.max().item(), abs=1e-5)
         assert [lab for lab, _ in r["topk"]] == [LABELS[i] for i in p.topk(3).indices.tolist()]
-        assert r["topk"][0] == [r["pred_label"], r["pred_score"]]
+        assert r["topk"][0] == [r["pred_class"], r["pred_score"]]
 
 
 def test_zero_shot_table_and_labels_file(files, capsys, tmp_path) -> None:
@@ -150,7 +150,7 @@ def test_zero_shot_imagenet(files, capsys, monkeypatch) -> None:
     assert rc == 0, err
     (rec,) = [json.loads(line) for line in out.splitlines()]
     names = imagenet_classnames()
-    assert len(rec["topk"]) == 1000 and names[rec["pred_index"]] == rec["pred_label"]
+    assert len(rec["topk"]) == 1000 and names[rec["pred_label"]] == rec["pred_class"]
     assert sum(s for _, s in rec["topk"]) == pytest.approx(1.0, abs=1e-4)
 
 

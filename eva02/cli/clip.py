@@ -293,8 +293,8 @@ def format_zero_shot(path: str, top: list[tuple[str, int, float]], as_json: bool
         label, index, score = top[0]
         rec = {
             "path": path,
-            "pred_label": label,
-            "pred_index": index,
+            "pred_label": index,  # as `predict` and `inference_model`: the index, and its name in pred_class
+            "pred_class": label,
             "pred_score": round(score, 6),
             "topk": [[lab, round(s, 6)] for lab, _, s in top],
         }
