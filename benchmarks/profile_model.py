@@ -10,7 +10,10 @@ alike; the reported numbers are medians over rounds.
     python benchmarks/profile_model.py train --size tiny --img 336 --batch 8 [--bf16]
     python benchmarks/profile_model.py memory --size base --img 448 --batch 2
     python benchmarks/profile_model.py ops --size tiny --img 336 --batch 8
-    python benchmarks/profile_model.py speed --before 6e26f6d   # also our blocks as of a git revision
+
+To compare two revisions of our code, time each from its own worktree with `benchmarks/compare.py`
+(docs/performance.md): block code can no longer be swapped into today's model, whose blocks take their
+fast form and window layout from the model call.
 
 Activation memory is counted exactly: the distinct storages autograd saves for backward during one
 training forward (parameters excluded), via `torch.autograd.graph.saved_tensors_hooks`; it does not
@@ -27,12 +30,10 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from collections.abc import Callable
 
 import torch
 
-from eva02.model import vit
 from eva02.model.config import VARIANTS
 from eva02.model.vit import Eva02
 from eva02.weights.convert import to_ours
@@ -52,34 +53,6 @@ def build_pair(size: str, img: int, classes: int = 1000, depth: int | None = Non
     ours = Eva02(cfg)
     ours.load_state_dict(to_ours(tm.state_dict(), "timm", cfg), strict=True)
     return tm.eval(), ours.eval()
-
-
-def blocks_at(rev: str) -> types.ModuleType:
-    """`eva02/model/layers.py` (with its rope.py) as of git revision `rev`, to time earlier block code."""
-
-    def source(path: str) -> str:
-        return subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
-
-    rope = types.ModuleType("eva02_rope_at_rev")
-    exec(compile(source("eva02/model/rope.py"), f"{rev}:rope.py", "exec"), rope.__dict__)
-    sys.modules[rope.__name__] = rope
-    layers = types.ModuleType("eva02_layers_at_rev")
-    code = source("eva02/model/layers.py").replace("from eva02.model.rope import", f"from {rope.__name__} import")
-    exec(compile(code, f"{rev}:layers.py", "exec"), layers.__dict__)
-    return layers
-
-
-def model_at(rev: str, ours: Eva02) -> Eva02:
-    """A copy of `ours` (same weights) whose blocks are built from the layer code at `rev`."""
-    layers = blocks_at(rev)
-    saved = vit.Block, vit.PatchEmbed
-    vit.Block, vit.PatchEmbed = layers.Block, layers.PatchEmbed
-    try:
-        old = Eva02(ours.cfg)
-    finally:
-        vit.Block, vit.PatchEmbed = saved
-    old.load_state_dict(ours.state_dict(), strict=True)
-    return old.train(ours.training)
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, iters: int) -> dict[str, list[float]]:
@@ -122,8 +95,6 @@ def cmd_speed(a: argparse.Namespace) -> None:
 
     fns["timm"] = wrap(tm)
     fns["ours"] = wrap(ours)
-    if a.before:
-        fns[f"ours@{a.before}"] = wrap(model_at(a.before, ours).to(x.dtype))
     if a.compile:
         if a.freezing:  # inference-only: constant-fold the weights and prepack them for oneDNN linears
             torch._inductor.config.freezing = True
@@ -161,8 +132,6 @@ def cmd_train(a: argparse.Namespace) -> None:
     x = torch.randn(a.batch, 3, a.img, a.img)
     y = torch.randint(0, 1000, (a.batch,))
     fns = {"timm": train_step_fn(tm, x, y, a.bf16), "ours": train_step_fn(ours, x, y, a.bf16)}
-    if a.before:
-        fns[f"ours@{a.before}"] = train_step_fn(model_at(a.before, ours), x, y, a.bf16)
     for f in fns.values():
         f()
     times = interleaved(fns, a.rounds, a.iters)
@@ -231,7 +200,7 @@ def cmd_memory(a: argparse.Namespace) -> None:
     y = torch.randint(0, 1000, (a.batch,))
     mb = 2**20
     print(f"memory {a.size}-{a.img} batch {a.batch} depth {a.depth or 'full'}: saved activations of one forward")
-    models = [("timm", tm), ("ours", ours)] + ([(f"ours@{a.before}", model_at(a.before, ours))] if a.before else [])
+    models = [("timm", tm), ("ours", ours)]
     for name, m in models:
         m.train()
         for ckpt in (False, True):
@@ -299,7 +268,6 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--freezing", action="store_true", help="speed --compile: torch._inductor.config.freezing")
-    ap.add_argument("--before", metavar="REV", help="also time our blocks as of this git revision")
     ap.add_argument("--train", action="store_true", help="ops: profile a training step")
     ap.add_argument("--inference-mode", action="store_true", help="speed: torch.inference_mode, not no_grad")
     ap.add_argument("--rss", action="store_true", help="memory: also peak RSS of fresh processes")
