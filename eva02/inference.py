@@ -24,7 +24,8 @@ from eva02.data.transforms import eval_transform, preprocess_for_model
 from eva02.dtypes import DTYPES, autocast, autocast_dtype, canonical
 from eva02.imagenet import IMAGENET_CLASSES
 from eva02.model.vit import Eva02
-from eva02.weights.zoo import Preprocess
+from eva02.weights.load import get_model, load_model, read_metadata
+from eva02.weights.zoo import Preprocess, resolve
 
 NO_HEAD = (
     "has no classifier head (num_classes=0), so it cannot predict classes; "
@@ -70,19 +71,13 @@ def load_for_inference(
         dev = resolve_device(device, model)
         net, pre = model, preprocess or preprocess_for_model(model)
     elif isinstance(model, str):
-        from eva02.weights.zoo import resolve
-
         entry = resolve(model)
         if need_head and entry.cfg.num_classes == 0 and checkpoint is None:  # a checkpoint may bring a head
-            raise ValueError(f"model '{entry.name}' {NO_HEAD}")
-        from eva02.weights.load import get_model  # after the checks: an error must not wait for a download
-
+            raise ValueError(f"model '{entry.name}' {NO_HEAD}")  # before any download
         dev = resolve_device(device)
         net = get_model(entry, pretrained=checkpoint if checkpoint is not None else True, device=dev)
         pre = preprocess or entry.preprocess
     elif model is None and checkpoint is not None:
-        from eva02.weights.load import load_model
-
         dev = resolve_device(device)
         net = load_model(checkpoint)
         pre = preprocess or _zoo_preprocess_of(checkpoint, net) or preprocess_for_model(net)
@@ -99,9 +94,6 @@ def load_for_inference(
 
 def _zoo_preprocess_of(checkpoint: str | os.PathLike, net: Eva02) -> Preprocess | None:
     """The zoo preprocessing of a checkpoint saved with a zoo name, if it is for the same input size."""
-    from eva02.weights.load import read_metadata
-    from eva02.weights.zoo import resolve
-
     name = read_metadata(checkpoint).get("name")
     try:
         pre = resolve(name).preprocess if name else None
@@ -185,7 +177,7 @@ class Predictor:
         x = batch.to(self.device, non_blocking=True)
         with autocast(self.device.type, self.autocast_dtype):
             if self.compile_options:
-                import torch._inductor.config as inductor_config
+                import torch._inductor.config as inductor_config  # loads inductor: only when compiling
 
                 with inductor_config.patch(self.compile_options):
                     logits = self.forward(x)  # (B, C)

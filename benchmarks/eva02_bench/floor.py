@@ -8,6 +8,7 @@ import statistics
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from eva02.dtypes import autocast_dtype, canonical, torch_dtype
 
@@ -63,8 +64,6 @@ class KernelRecorder:
     """
 
     def __init__(self) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
         self.entries: dict[tuple, dict] = {}
         recorder = self
 

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from eva02 import flops
 from eva02.dtypes import DTYPES  # noqa: F401 (the dtype words, re-exported for the harness's callers)
 from eva02.extras import need
 from eva02.model.config import VARIANTS, Eva02Config
 from eva02.model.vit import Eva02
+from eva02.weights.convert import to_ours
 
 IMPLS = ("ours", "timm", "mmpretrain")
 
@@ -110,17 +112,11 @@ def build_model(impl: str, cfg: Eva02Config) -> nn.Module:
 
 
 def load_timm_weights(ours: Eva02, timm_model: nn.Module) -> bool:
-    """Give `ours` timm's random weights through eva02.weights.convert, when that module exists."""
-    try:
-        from eva02.weights.convert import to_ours
-    except ImportError:
-        return False
+    """Give `ours` timm's random weights through eva02.weights.convert; True once loaded."""
     ours.load_state_dict(to_ours(timm_model.state_dict(), "timm", ours.cfg), strict=True)
     return True
 
 
 def forward_flops(cfg: Eva02Config, img_size: int | None = None) -> float:
     """Forward FLOPs of one image (2 x the multiply-adds of the matrix products and the patch convolution)."""
-    from eva02.flops import forward_flops as flops
-
-    return flops(cfg, img_size)
+    return flops.forward_flops(cfg, img_size)

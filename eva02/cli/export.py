@@ -13,6 +13,7 @@ from pathlib import Path
 
 from eva02.cli import CliError
 from eva02.cli.options import add_checkpoint, add_model, add_out, model_arg, zoo_entry
+from eva02.extras import need
 from eva02.fileio import check_output
 
 
@@ -80,8 +81,6 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, inputs=[args.checkpoint], force=args.force, flag="--out")
     name = check_model(args)
     if args.fmt == "onnx":  # before the model is loaded: the exporter and the check both need them
-        from eva02.extras import need
-
         for module in ("onnx", "onnxscript", "onnxruntime"):
             need(module, "export", "eva02 export --format onnx")
     model = load_model(args, name).float().cpu().eval()

@@ -16,9 +16,11 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from eva02.assets import DEMO_IMAGE
 from eva02.cli import CliError
 from eva02.cli.options import HIDDEN, add_batch_size, add_checkpoint, add_dtype, add_model, add_out, zoo_entry
 from eva02.fileio import check_output, check_writable_dir
@@ -59,8 +61,6 @@ def collect_paths(args: argparse.Namespace) -> list[Path]:
     """Expand the IMAGES arguments (and --demo) to files, refusing an empty selection or a missing path."""
     inputs = list(args.images)
     if getattr(args, "demo", False):
-        from eva02.assets import DEMO_IMAGE
-
         inputs.append(DEMO_IMAGE)
     if not inputs:
         raise CliError("no images given: pass image files or directories" + (", or --demo" if "demo" in args else ""))
@@ -124,8 +124,6 @@ def check_img_size(size: int, patch: int) -> None:
 
 def load_model_from_args(args: argparse.Namespace, need_head: bool):
     """(model, preprocess) from --model / --checkpoint / --device / --img-size, with one-line errors."""
-    from dataclasses import replace
-
     from eva02.inference import load_for_inference
 
     check_model_args(args, need_head)

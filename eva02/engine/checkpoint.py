@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from eva02.fileio import atomic_write, describe_os_error
+from eva02.weights.load import save_checkpoint
 
 FORMAT = "eva02-train"
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -62,8 +64,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, tmp)
     except OSError:  # file systems without hard links
-        import shutil
-
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
 
@@ -252,8 +252,6 @@ def previous_run_files(work_dir: str | os.PathLike) -> list[Path]:
 
 def remove_run_files(work_dir: str | os.PathLike) -> None:
     """Delete an earlier run's files (see `previous_run_files`) and its TensorBoard logs."""
-    import shutil
-
     for p in previous_run_files(work_dir):
         p.unlink(missing_ok=True)
     shutil.rmtree(Path(work_dir) / "tensorboard", ignore_errors=True)
@@ -271,6 +269,4 @@ def is_training_checkpoint(path: str | os.PathLike) -> bool:
 
 def save_weights(model: nn.Module, path: Path) -> None:
     """Final weights in the package's safetensors format (config embedded), loadable by get_model."""
-    from eva02.weights.load import save_checkpoint
-
     save_checkpoint(model, path)

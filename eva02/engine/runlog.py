@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from eva02.fileio import atomic_write_text
 
 
@@ -63,14 +65,10 @@ class RunLog:
 
     def info(self, msg: str) -> None:
         if self.enabled:
-            from tqdm import tqdm
-
             tqdm.write(msg)
 
     def warn(self, msg: str) -> None:
         """A warning from any rank (e.g. the unreadable images it met), on stderr."""
-        from tqdm import tqdm
-
         tqdm.write(f"warning: {msg}", file=sys.stderr)
 
     def close(self) -> None:
@@ -110,8 +108,6 @@ class Progress:
             self.log.write("train", global_step, epoch=epoch, loss=loss, lr=lr, img_s=img_s)
         if self.live:
             if self.bar is None:
-                from tqdm import tqdm
-
                 self.bar = tqdm(total=self.steps_per_epoch, initial=step_in_epoch - 1, dynamic_ncols=True,
                                 desc=f"epoch {epoch + 1}/{self.epochs}")  # fmt: skip
             self.bar.update(1)
