@@ -1,5 +1,7 @@
 """inference_model / eva02 predict options: dtype, torch.compile, threads."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -27,11 +29,20 @@ def test_bf16_close_to_fp32(model):
     assert not np.array_equal(low["pred_scores"], ref["pred_scores"]), "bf16 must really change the arithmetic"
 
 
-def test_compile_matches_eager(model):
+# "aot_eager" runs the graphs dynamo and AOTAutograd make of the model on PyTorch's kernels; "inductor"
+# (what `compile=True` uses, with freezing on CPU) also generates and builds C++ for them: tens of seconds
+# on 2 cores whenever the model's code changed since its cache was filled.
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compile_matches_eager(model, backend, monkeypatch):
+    if backend != "inductor":
+        compile_with = functools.partial(torch.compile, backend=backend)
+        monkeypatch.setattr(torch, "compile", compile_with)
     imgs = [data.chelsea(), data.coffee(), data.astronaut()]
     ref = inference_model(model, imgs, batch_size=2)
     # One batch: one graph to compile (each further batch shape costs as much again on CPU).
-    comp = inference_model(model, imgs, batch_size=3, compile=True)
+    predictor = Predictor(model, batch_size=3, compile=True)
+    assert predictor.compile_options == {"freezing": True}  # what makes compiled inference pay on CPU
+    comp = predictor.predict(imgs)
     for a, b in zip(ref, comp, strict=True):
         np.testing.assert_allclose(a["pred_scores"], b["pred_scores"], atol=1e-5)
         assert a["pred_label"] == b["pred_label"]
