@@ -17,6 +17,7 @@ EXTRAS = {
     "mim": "open_clip_torch",
     "clip": "open_clip_torch",
     "ann": "faiss-cpu",
+    "det": "pycocotools",
     "serve": "fastapi, uvicorn, python-multipart and prometheus_client",
 }
 
