@@ -13,6 +13,7 @@ from PIL import Image
 pytest.importorskip("open_clip")  # the tokenizer (the clip extra)
 
 import eva02.cli.clip as cli_clip  # noqa: E402
+import eva02.cli.retrieval as cli_retrieval  # noqa: E402
 from eva02 import retrieval as R  # noqa: E402
 from eva02.cli import main  # noqa: E402
 from eva02.clip import imagenet_classnames, zero_shot_classifier  # noqa: E402
@@ -244,6 +245,7 @@ def test_missing_extras_are_one_line_before_the_model_loads(files, capsys, monke
         assert rc == 2
         one_line_error(err, "pip install 'eva02[clip]'")
     without(monkeypatch, "faiss")
+    monkeypatch.setattr(cli_retrieval, "load_clip", lambda *a: pytest.fail("the model loaded before the checks"))
     rc, _, err = run(capsys, "index", imgs, "-o", tmp_path / "i.safetensors", "--ann", *ckpt)
     assert rc == 2 and not (tmp_path / "i.safetensors.parts").exists()
     one_line_error(err, "pip install 'eva02[ann]'")
@@ -324,7 +326,7 @@ def test_index_overwrite_rules(files, capsys, tmp_path, monkeypatch) -> None:
     out = tmp_path / "i.safetensors"
     assert run(capsys, *index_cmd(root, imgs, out))[0] == 0
     first = R.load_index(out).index_id
-    monkeypatch.setattr(cli_clip, "load_clip", lambda *a: pytest.fail("the model loaded before the checks"))
+    monkeypatch.setattr(cli_retrieval, "load_clip", lambda *a: pytest.fail("the model loaded before the checks"))
     for extra, words in (
         ([], ["already exists", "--update", "--force"]),
         (["--update", "--force"], ["not both"]),

@@ -29,6 +29,7 @@ MODULES = (
     "serve",
     "explain",
     "clip",
+    "retrieval",
 )
 
 
