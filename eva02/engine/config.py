@@ -193,6 +193,28 @@ class ClipCfg(_Section):
 
 
 @dataclass(frozen=True)
+class DetCfg(_Section):
+    """Object detection and instance segmentation (train.task 'detect': Mask R-CNN on the dense backbone,
+    ViTDet): annotation files, backbone layout, large-scale jitter, anchors, heads and test-time output.
+    The object classes are `model.num_classes`, the square input `model.img_size`; images are
+    {data.root}/{data.*_split}/. Defaults: the official EVA-02 COCO recipe's (`EVA-02/det`, ViTDet)."""
+
+    train_ann: str = ""  # COCO instances json; '' = {data.root}/annotations/instances_{data.train_split}.json
+    val_ann: str = ""  # '' = {data.root}/annotations/instances_{data.val_split}.json
+    masks: bool = True  # Mask R-CNN; False: Faster R-CNN (boxes only)
+    window_size: int = 16  # backbone attention windows (ViTDet layout)
+    global_blocks: tuple[int, ...] = ()  # blocks attending globally; () = the last of each depth quarter
+    lsj_scale: tuple[float, ...] = (0.1, 2.0)  # large-scale jitter: images fit s x model.img_size, s in this range
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per pyramid level p2-p6
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    out_channels: int = 256  # pyramid maps and head convolutions
+    roi_batch_per_image: int = 512  # proposals sampled per image to train the box and mask heads
+    score_thresh: float = 0.05  # test time: detections scored below are dropped
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -203,6 +225,7 @@ class RunConfig:
     train: TrainCfg = field(default_factory=TrainCfg)
     mim: MimCfg = field(default_factory=MimCfg)  # used when train.task == 'mim'
     clip: ClipCfg = field(default_factory=ClipCfg)  # used with EVA-02-CLIP models
+    det: DetCfg = field(default_factory=DetCfg)  # used when train.task == 'detect'
 
     def __post_init__(self) -> None:
         check_config(self)

@@ -122,6 +122,16 @@ RULES: dict[str, Rule] = {
     "mim.min_num": POSITIVE,
     "mim.max_num": NON_NEGATIVE,
     "mim.min_aspect": (lambda v: 0 < v <= 1, "{type} in (0, 1]"),
+    "det.window_size": NON_NEGATIVE,
+    "det.global_blocks": (lambda v: min(v, default=0) >= 0, "block indexes >= 0"),
+    "det.lsj_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "two numbers 0 < min <= max"),
+    "det.anchor_sizes": (lambda v: len(v) == 5 and min(v) > 0, "five sizes > 0 (pyramid levels p2-p6)"),
+    "det.aspect_ratios": (lambda v: len(v) > 0 and min(v) > 0, "one or more numbers > 0"),
+    "det.out_channels": POSITIVE,
+    "det.roi_batch_per_image": POSITIVE,
+    "det.score_thresh": PROBABILITY,
+    "det.nms_thresh": (lambda v: 0 < v <= 1, "{type} in (0, 1]"),
+    "det.detections_per_img": POSITIVE,
 }
 
 # Older spellings of a field's words, read as the current word (which is what the config then holds).
@@ -148,6 +158,10 @@ CROSS_RULES: list[tuple[str, Callable[[RunConfig], bool], str]] = [
      "an EVA-02-CLIP name for train.task='zero_shot' (see `eva02 list clip`)"),
     ("model.name", lambda c: c.train.task != "mim" or find_clip(c.model.name) is None,
      "an EVA-02 name or variant: a CLIP model is no MIM student (use it as mim.teacher_kind='eva02_clip')"),
+    ("model.img_size", lambda c: c.train.task != "detect" or c.model.img_size % 64 == 0,
+     "a multiple of 64 for train.task='detect' (the stride of the pyramid's coarsest level)"),
+    ("model.num_classes", lambda c: c.train.task != "detect" or c.model.num_classes > 0,
+     "the number of object classes (> 0) for train.task='detect'"),
 ]  # fmt: skip
 
 

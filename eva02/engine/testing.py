@@ -20,6 +20,7 @@ from eva02.engine.dist import init_distributed
 from eva02.engine.evaluate import evaluate_classifier
 from eva02.engine.tasks import MimTask, ZeroShotTask, build_eva02
 from eva02.engine.tasks.classify import build_val_dataset
+from eva02.engine.tasks.detect import evaluate_checkpoint as evaluate_detection
 from eva02.weights.load import check_finite, load_checkpoint, save_checkpoint
 
 
@@ -48,6 +49,9 @@ def run_test(
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
     info = init_distributed()
+    if cfg.train.task == "detect":  # a detector checkpoint: COCO box / mask AP
+        with hints.using(hints.CONFIG):
+            return evaluate_detection(cfg, checkpoint, use_ema, amp, batch_size, info)
     with hints.using(hints.CONFIG):  # loading errors name config fields (model.num_classes=N, ...)
         if cfg.train.task == "zero_shot":  # an EVA-02-CLIP file of any format, prompts from the config
             run = override(cfg, {"model.init": str(checkpoint)}, "the checkpoint")
