@@ -127,7 +127,7 @@ def test_negative_values_are_rejected_everywhere(key: str) -> None:
         ("data.std", "0.5,0,0.5", "three numbers > 0 (R, G, B)"),
         ("data.interpolation", "cubic", "one of 'bicubic', 'bilinear', 'nearest'"),
         ("train.parallel", "tp", "one of 'ddp', 'fsdp'"),
-        ("train.task", "segment", "one of 'classify', 'mim'"),
+        ("train.task", "caption", "one of 'classify', 'mim'"),
         ("model.name", "tinyy", "a variant (test, tiny, small, base, large) or a zoo name"),
         ("mim.teacher_kind", "timm", "one of 'open_clip', 'eva02_clip', 'eva02'"),
         ("mim.teacher_amp", "fp8", "one of 'bf16', 'fp16', 'none'"),

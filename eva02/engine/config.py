@@ -193,6 +193,33 @@ class ClipCfg(_Section):
 
 
 @dataclass(frozen=True)
+class SegCfg(_Section):
+    """Semantic segmentation (train.task 'segment', EVA-02 + UperNet): data layout and transforms, heads,
+    backbone layout, test-time windows. The classes are `model.num_classes`; `model.img_size` is both the
+    training crop and the test window. Defaults: the official ADE20K recipe of EVA-02-B (`EVA-02/seg`)."""
+
+    layout: str = "ade20k"  # 'ade20k': images/SPLIT/*.jpg + annotations/SPLIT/*.png; 'folders': images/ + masks/
+    reduce_zero_label: bool = True  # label 0 is 'other': ignored, 1..N become 0..N-1 (ADE20K)
+    class_names: str = ""  # file with one name a line; '' = ADE20K's names (layout 'ade20k', 150 classes) or class_<i>
+    scale: tuple[int, ...] = (2048, 512)  # (long, short) side bounds of the resize (train: times a random ratio)
+    ratio_range: tuple[float, ...] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75  # a train crop in which no class holds this share of the labelled pixels
+    photometric: bool = True  # brightness / contrast / saturation / hue distortion of train images
+    stride: int = 341  # test windows of model.img_size this far apart; 0: whole images at once
+    test_scales: tuple[float, ...] = (1.0,)  # several: multi-scale test (official 0.5, 0.75, ..., 1.75)
+    test_flip: bool = False
+    channels: int = 768  # UperNet width (official: B 768, L 1024, L at 640 px 1536)
+    aux_channels: int = 256  # FCN auxiliary head width; 0: no auxiliary head
+    aux_weight: float = 0.4  # weight of the auxiliary head's loss (0 exactly when there is no auxiliary head)
+    dropout: float = 0.1
+    pool_scales: tuple[int, ...] = (1, 2, 3, 6)
+    out_indices: tuple[int, ...] = ()  # the 4 blocks feeding the pyramid; () = official (B 3,5,7,11; L 7,11,15,23)
+    window_size: int = 0  # backbone attention windows (ViTDet layout); 0: global attention as the official seg
+    global_blocks: tuple[int, ...] = ()  # with window_size: blocks attending globally; () = one per depth quarter
+    cls_token: bool = True  # the official seg backbone keeps the class token in the sequence; False with windows
+
+
+@dataclass(frozen=True)
 class DetCfg(_Section):
     """Object detection and instance segmentation (train.task 'detect': Mask R-CNN on the dense backbone,
     ViTDet): annotation files, backbone layout, large-scale jitter, anchors, heads and test-time output.
@@ -226,6 +253,7 @@ class RunConfig:
     mim: MimCfg = field(default_factory=MimCfg)  # used when train.task == 'mim'
     clip: ClipCfg = field(default_factory=ClipCfg)  # used with EVA-02-CLIP models
     det: DetCfg = field(default_factory=DetCfg)  # used when train.task == 'detect'
+    seg: SegCfg = field(default_factory=SegCfg)  # used when train.task == 'segment'
 
     def __post_init__(self) -> None:
         check_config(self)

@@ -132,6 +132,20 @@ RULES: dict[str, Rule] = {
     "det.score_thresh": PROBABILITY,
     "det.nms_thresh": (lambda v: 0 < v <= 1, "{type} in (0, 1]"),
     "det.detections_per_img": POSITIVE,
+    "seg.layout": _one_of("ade20k", "folders"),
+    "seg.scale": (lambda v: len(v) == 2 and min(v) > 0, "two whole numbers > 0 (long, short)"),
+    "seg.ratio_range": (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "two numbers 0 < min <= max"),
+    "seg.cat_max_ratio": (lambda v: 0 < v <= 1, "{type} in (0, 1]"),
+    "seg.stride": NON_NEGATIVE,
+    "seg.test_scales": (lambda v: len(v) > 0 and min(v) > 0, "one or more numbers > 0"),
+    "seg.channels": POSITIVE,
+    "seg.aux_channels": NON_NEGATIVE,
+    "seg.aux_weight": NON_NEGATIVE,
+    "seg.dropout": FRACTION,
+    "seg.pool_scales": (lambda v: len(v) > 0 and min(v) >= 1, "one or more whole numbers >= 1"),
+    "seg.out_indices": (lambda v: len(v) in (0, 4) and min(v, default=0) >= 0, "() or four block indexes >= 0"),
+    "seg.window_size": NON_NEGATIVE,
+    "seg.global_blocks": (lambda v: min(v, default=0) >= 0, "block indexes >= 0"),
 }
 
 # Older spellings of a field's words, read as the current word (which is what the config then holds).
@@ -162,6 +176,14 @@ CROSS_RULES: list[tuple[str, Callable[[RunConfig], bool], str]] = [
      "a multiple of 64 for train.task='detect' (the stride of the pyramid's coarsest level)"),
     ("model.num_classes", lambda c: c.train.task != "detect" or c.model.num_classes > 0,
      "the number of object classes (> 0) for train.task='detect'"),
+    ("seg.cls_token", lambda c: not (c.seg.window_size and c.seg.cls_token),
+     "False with seg.window_size={cfg.seg.window_size} (a class token belongs to no window)"),
+    ("seg.aux_weight", lambda c: (c.seg.aux_weight > 0) == (c.seg.aux_channels > 0),
+     "> 0 with an auxiliary head (seg.aux_channels > 0), 0 without one (seg.aux_channels=0)"),
+    ("seg.stride", lambda c: c.train.task != "segment" or c.seg.stride <= c.model.img_size,
+     "a value <= model.img_size={cfg.model.img_size} (the test window), or 0 for whole images"),
+    ("data.batch_size", lambda c: c.train.task != "segment" or c.data.batch_size >= 2,
+     "2 or more for train.task='segment' (the heads' BatchNorm needs two images per device)"),
 ]  # fmt: skip
 
 

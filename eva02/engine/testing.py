@@ -21,6 +21,7 @@ from eva02.engine.evaluate import evaluate_classifier
 from eva02.engine.tasks import MimTask, ZeroShotTask, build_eva02
 from eva02.engine.tasks.classify import build_val_dataset
 from eva02.engine.tasks.detect import evaluate_checkpoint as evaluate_detection
+from eva02.engine.tasks.segment import evaluate_checkpoint as evaluate_segmentation
 from eva02.weights.load import check_finite, load_checkpoint, save_checkpoint
 
 
@@ -43,7 +44,8 @@ def run_test(
     cfg: RunConfig, checkpoint: str, use_ema: bool | None = None, amp: torch.dtype | None = None, batch_size: int = 0
 ) -> tuple[dict[str, Any], list[str]]:
     """Evaluate a classifier checkpoint (or, for train.task='zero_shot', a CLIP checkpoint through its
-    zero-shot classifier) on the config's validation split (torchrun-aware); returns (metrics, class names)."""
+    zero-shot classifier; for 'segment', a segmentor) on the config's validation split (torchrun-aware);
+    returns (metrics, class names)."""
     if not cfg.data.val_split:
         raise ValueError("data.val_split is empty: nothing to evaluate; set --cfg-options data.val_split=val")
     if not Path(checkpoint).is_file():
@@ -52,6 +54,9 @@ def run_test(
     if cfg.train.task == "detect":  # a detector checkpoint: COCO box / mask AP
         with hints.using(hints.CONFIG):
             return evaluate_detection(cfg, checkpoint, use_ema, amp, batch_size, info)
+    if cfg.train.task == "segment":  # a segmentor checkpoint: mIoU / mAcc / aAcc, per-class IoU
+        with hints.using(hints.CONFIG):
+            return evaluate_segmentation(cfg, checkpoint, use_ema, amp, batch_size, info)
     with hints.using(hints.CONFIG):  # loading errors name config fields (model.num_classes=N, ...)
         if cfg.train.task == "zero_shot":  # an EVA-02-CLIP file of any format, prompts from the config
             run = override(cfg, {"model.init": str(checkpoint)}, "the checkpoint")

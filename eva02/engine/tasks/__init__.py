@@ -28,6 +28,7 @@ from eva02.engine.tasks.base import Task, build_eva02, model_config
 from eva02.engine.tasks.classify import ClassificationTask, soft_cross_entropy
 from eva02.engine.tasks.detect import DetectionTask
 from eva02.engine.tasks.mim import MimTask
+from eva02.engine.tasks.segment import SegmentTask
 from eva02.engine.tasks.zero_shot import ZeroShotTask
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ TASKS: dict[str, type[Task]] = {
     "mim": MimTask,  # masked-image-modelling pre-training against a frozen teacher
     "zero_shot": ZeroShotTask,  # EVA-02-CLIP zero-shot classification (evaluation only)
     "detect": DetectionTask,  # object detection and instance segmentation: Mask R-CNN (COCO AP)
+    "segment": SegmentTask,  # semantic segmentation: EVA-02 + UperNet (mIoU)
 }
 
 
