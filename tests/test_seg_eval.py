@@ -62,7 +62,7 @@ def test_perfect_and_ignored() -> None:
 class _Fixed(torch.nn.Module):
     """Predicts class = the first input channel rounded (upsampled to the label size by predict's caller)."""
 
-    def predict(self, images, size, crop, stride, scales, flip):
+    def predict(self, images, size, crop, stride, scales, flip, min_side):
         scores = torch.nn.functional.one_hot(images[:, 0].round().long().clamp(0, 2), 3).permute(0, 3, 1, 2).float()
         return torch.nn.functional.interpolate(scores, size=tuple(size), mode="nearest")
 

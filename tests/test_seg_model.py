@@ -119,6 +119,8 @@ def test_flip_and_scales_average_probabilities() -> None:
     two = m.predict(x, scales=(0.5, 1.0), size=(64, 64))
     half = F.interpolate(m.predict(F.interpolate(x, size=(32, 32), mode="bilinear")), size=(64, 64), mode="bilinear")
     torch.testing.assert_close(two, (half.softmax(dim=1) + probs) / 2)
+    # the official multi-scale test: no view below the crop, so the 0.5 view is the 1.0 view
+    torch.testing.assert_close(m.predict(x, scales=(0.5, 1.0), min_side=64), probs)
 
 
 def test_whole_image_inference_upsamples_stride_4_logits() -> None:

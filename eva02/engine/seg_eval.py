@@ -67,9 +67,11 @@ def evaluate_segmentor(
     """Metrics of `seg_metrics` plus 'count' (images evaluated) and 'bad' (skipped) over all processes.
 
     Each image is predicted (`Segmentor.predict`: sliding `crop` windows `stride` apart when both are
-    set, over `scales` and flips) at its loaded size, the scores upsampled to its label map's size.
+    set, over `scales` and flips) at its loaded size, the scores upsampled to its label map's size. With
+    several scales, no view is smaller than the crop on its short side (the official multi-scale test).
     """
     n = n_total if n_total is not None else len(loader.dataset)
+    min_side = crop if len(scales) > 1 else 0
     was_training = model.training
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
@@ -85,7 +87,7 @@ def evaluate_segmentor(
                 continue
             target = target.to(device)
             with autocast(device.type, amp):
-                scores = model.predict(image[None].to(device), target.shape[-2:], crop, stride, scales, flip)
+                scores = model.predict(image[None].to(device), target.shape[-2:], crop, stride, scales, flip, min_side)
             conf += confusion_matrix(scores.argmax(dim=1)[0], target, num_classes)
             extra[0] += 1
     all_reduce_sum(conf)

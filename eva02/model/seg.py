@@ -270,17 +270,22 @@ class Segmentor(nn.Module):
         stride: int = 0,
         scales: Sequence[float] = (1.0,),
         flip: bool = False,
+        min_side: int = 0,
     ) -> torch.Tensor:
         """Images (B, 3, H, W) -> class scores (B, classes, *size), `size` defaulting to (H, W).
 
         One view (a scale of 1, no flip): the logits, upsampled bilinearly. Several views: the mean of
         their softmax probabilities, each view's logits upsampled to `size` first (mmseg's aug_test).
         `crop` and `stride` > 0 select sliding windows, else the whole (padded) image goes through at once.
+        `min_side`: no view's short side is made smaller than this (the official multi-scale test resizes
+        a view to the crop size where its ratio would go below it: its 0.5 and 0.75 views are the 1.0 one).
         """
         size = tuple(size) if size is not None else tuple(images.shape[-2:])
         views = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+        short = min(images.shape[-2:])
         out = None
         for scale, flipped in views:
+            scale = max(scale, min_side / short)
             x = images if scale == 1.0 else _rescale(images, scale)
             x = x.flip(-1) if flipped else x
             if crop and stride:
