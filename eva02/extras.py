@@ -18,6 +18,7 @@ EXTRAS = {
     "clip": "open_clip_torch",
     "ann": "faiss-cpu",
     "det": "pycocotools",
+    "data": "webdataset, wids and datasets",
     "serve": "fastapi, uvicorn, python-multipart and prometheus_client",
 }
 

@@ -22,6 +22,7 @@ MODULES = (
     "features",
     "convert",
     "train",
+    "shard",
     "plot",
     "bench",
     "export",
