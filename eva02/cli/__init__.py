@@ -29,6 +29,7 @@ MODULES = (
     "pretrain",
     "serve",
     "explain",
+    "segment",
     "clip",
     "retrieval",
 )
