@@ -75,14 +75,22 @@ class ModelCfg(_Section):
 
 @dataclass(frozen=True)
 class DataCfg(_Section):
-    """Datasets (class folders or list files) and the train/eval transforms."""
+    """Datasets (class folders, list files or tar shards) and the train/eval transforms."""
 
+    # 'folder': class folders, or a list file when one is set or present (below); 'list': a list file, required;
+    # 'wds': WebDataset tar shards (`eva02 shard`)
+    format: str = "folder"
     root: str = "data/imagenet"  # mmpretrain's layout: {root}/{split}/ images, {root}/meta/{split}.txt lists
-    train_split: str = "train"
+    train_split: str = "train"  # {root}/{split} also holds 'wds' shards
     val_split: str = "val"  # '' for no validation
     train_list: str = ""  # 'relative/path label' lines; '' uses {root}/meta/{split}.txt if present, else folders
     val_list: str = ""
     class_names: str = ""  # file with one class name a line ('' = folder names, or 'class_<i>' for lists)
+    # 'wds': a shard folder with manifest.json, a manifest, or a brace pattern of tars, URLs or pipe: commands
+    # ('' = {root}/{train_split} resp. {root}/{val_split})
+    train_shards: str = ""
+    val_shards: str = ""
+    shard_cache: str = ""  # 'wds': where shards named by URL or pipe: are fetched ('' = $EVA02_HOME/shards)
     batch_size: int = 16  # per device; global batch = batch_size x devices x accumulation
     eval_batch_size: int = 0  # 0: same as batch_size
     workers: int = 8

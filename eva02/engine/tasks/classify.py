@@ -3,6 +3,8 @@ top-5 validation; the official EVA-02 fine-tuning recipe (`asuka/engine_for_fine
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,6 +14,7 @@ from torch.utils.data import Dataset
 
 from eva02.data.datasets import build_dataset, collate
 from eva02.data.mixup import Mixup
+from eva02.data.shards import RecordDataset, shard_dataset
 from eva02.engine.evaluate import evaluate_classifier
 from eva02.engine.tasks.base import build_eva02
 from eva02.weights.zoo import Preprocess
@@ -37,6 +40,21 @@ def _align_classes(val, classes: list[str]) -> None:
     val.classes = list(classes)
 
 
+def build_split(cfg: RunConfig, which: str, transform: Callable) -> Dataset:
+    """Split `which` ('train' or 'val') in the run's `data.format`: folders or a list file, or tar shards;
+    every one indexable, so order and augmentation follow (seed, epoch, index)."""
+    d = cfg.data
+    split = d.train_split if which == "train" else d.val_split
+    if d.format == "wds":
+        spec = (d.train_shards if which == "train" else d.val_shards) or os.path.join(d.root, split)
+        return shard_dataset(spec, transform, d.shard_cache, d.class_names)
+    list_file = d.train_list if which == "train" else d.val_list
+    if d.format == "list" and not (list_file or os.path.isfile(os.path.join(d.root, "meta", f"{split}.txt"))):
+        raise FileNotFoundError(f"data.format='list' needs a list file: set data.{which}_list or write "
+                                f"{os.path.join(d.root, 'meta', split + '.txt')}")  # fmt: skip
+    return build_dataset(d.root, split, list_file, d.class_names, transform)
+
+
 def build_val_dataset(cfg: RunConfig, train_classes: list[str] | None = None) -> Dataset:
     """The checked validation split with the eval transform (resize, center crop, normalise)."""
     from eva02.data.transforms import eval_transform  # torchvision: loaded when a run builds data, not with the config
@@ -44,10 +62,13 @@ def build_val_dataset(cfg: RunConfig, train_classes: list[str] | None = None) ->
     d, n = cfg.data, cfg.model.num_classes
     pre = Preprocess(img_size=cfg.model.img_size, mean=tuple(d.mean), std=tuple(d.std), crop_pct=d.crop_pct,
                      interpolation=d.interpolation)  # fmt: skip
-    val = build_dataset(d.root, d.val_split, d.val_list, d.class_names, eval_transform(pre))
+    val = build_split(cfg, "val", eval_transform(pre))
     val.check(n, "validation")
-    if train_classes is not None and not (d.val_list or d.train_list) and val.classes != train_classes:
-        _align_classes(val, train_classes)
+    if train_classes is not None and val.classes != train_classes:
+        if isinstance(val, RecordDataset):  # shards: labels follow the class names
+            val.align_classes(train_classes)
+        elif not (d.val_list or d.train_list):
+            _align_classes(val, train_classes)
     return val
 
 
@@ -82,7 +103,7 @@ class ClassificationTask:
 
         d, n = cfg.data, cfg.model.num_classes
         tt = train_transform_from(d, cfg.model.img_size)
-        train = build_dataset(d.root, d.train_split, d.train_list, d.class_names, tt)
+        train = build_split(cfg, "train", tt)
         train.check_not_empty("train")
         if len(train.classes) != n:
             raise ValueError(

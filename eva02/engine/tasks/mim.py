@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from eva02.data.datasets import ImageDataset, build_dataset, split_bad
 from eva02.data.images import iter_image_paths
 from eva02.data.masking import BlockMaskGenerator
+from eva02.data.shards import shard_dataset
 from eva02.engine.tasks.base import build_eva02, model_config
 from eva02.model import Eva02
 from eva02.model.mim import Eva02MIM, backbone_state_dict, cosine_loss
@@ -100,8 +101,14 @@ def plain_folder(root: str | os.PathLike) -> list[tuple[str, int]]:
 
 
 def build_mim_dataset(cfg: RunConfig, transform: Any) -> Dataset:
-    """The train images: a list file, class folders, or a plain folder of images (labels unused)."""
+    """The train images: a list file, class folders, or a plain folder of images; or tar shards (data.format
+    'wds'). Labels are unused."""
     d = cfg.data
+    if d.format == "wds":
+        ds = shard_dataset(d.train_shards or os.path.join(d.root, d.train_split), transform, d.shard_cache)
+        if len(ds) == 0:
+            raise ValueError(f"the train data of data.format={d.format!r} holds no images")
+        return ds
     folder = Path(d.root) / d.train_split
     auto_list = Path(d.root) / "meta" / f"{d.train_split}.txt"
     has_classes = folder.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
