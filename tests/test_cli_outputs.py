@@ -4,6 +4,7 @@ line before any work, files with the umask's permissions, and a quiet end when s
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -307,6 +308,31 @@ def start_into_closed_pipe(*argv) -> subprocess.Popen:
         os.close(write_end)
 
 
+class GoneReader(io.TextIOBase):
+    """A stdout whose reader has gone: every write fails as a pipe's would, and it has no descriptor."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("argv", [["predict", "--json"], ["features", "--out", "f.npy"]], ids=["predict", "features"])
+def test_closed_stdout_returns_141_quietly_in_process(files, tmp_path, capsys, monkeypatch, argv):
+    """The commands' own handling of a gone reader; the real pipe and the interpreter's exit are the
+    subprocess tests' (the slow one below and `test_predict_into_head`)."""
+    root, imgs = files
+    command, *rest = argv
+    rest = [str(tmp_path / a) if a.endswith(".npy") else a for a in rest]
+    monkeypatch.setattr(sys, "stdout", GoneReader())
+    assert main([command, str(imgs), "--checkpoint", str(root / "m.safetensors"), *rest]) == 141
+    assert capsys.readouterr().err == ""
+    if command == "features":
+        assert np.load(tmp_path / "f.npy").shape == (2, 128)  # the work was done before the message
+
+
+@pytest.mark.slow  # two processes that each start Python and import torch
 def test_closed_stdout_ends_quietly(files, tmp_path):
     root, imgs = files
     ckpt = root / "m.safetensors"
