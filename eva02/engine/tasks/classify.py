@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from eva02.data.datasets import build_dataset, collate
+from eva02.data.hf import hf_dataset
 from eva02.data.mixup import Mixup
 from eva02.data.shards import RecordDataset, shard_dataset
 from eva02.engine.evaluate import evaluate_classifier
@@ -41,13 +42,15 @@ def _align_classes(val, classes: list[str]) -> None:
 
 
 def build_split(cfg: RunConfig, which: str, transform: Callable) -> Dataset:
-    """Split `which` ('train' or 'val') in the run's `data.format`: folders or a list file, or tar shards;
-    every one indexable, so order and augmentation follow (seed, epoch, index)."""
+    """Split `which` ('train' or 'val') in the run's `data.format`: folders or a list file, tar shards, or a
+    Hugging Face dataset; every one indexable, so order and augmentation follow (seed, epoch, index)."""
     d = cfg.data
     split = d.train_split if which == "train" else d.val_split
     if d.format == "wds":
         spec = (d.train_shards if which == "train" else d.val_shards) or os.path.join(d.root, split)
         return shard_dataset(spec, transform, d.shard_cache, d.class_names)
+    if d.format == "hf":
+        return hf_dataset(d.hf_name, split, transform, d.hf_image, d.hf_label, d.class_names)
     list_file = d.train_list if which == "train" else d.val_list
     if d.format == "list" and not (list_file or os.path.isfile(os.path.join(d.root, "meta", f"{split}.txt"))):
         raise FileNotFoundError(f"data.format='list' needs a list file: set data.{which}_list or write "
@@ -65,7 +68,7 @@ def build_val_dataset(cfg: RunConfig, train_classes: list[str] | None = None) ->
     val = build_split(cfg, "val", eval_transform(pre))
     val.check(n, "validation")
     if train_classes is not None and val.classes != train_classes:
-        if isinstance(val, RecordDataset):  # shards: labels follow the class names
+        if isinstance(val, RecordDataset):  # shards and HF datasets: labels follow the class names
             val.align_classes(train_classes)
         elif not (d.val_list or d.train_list):
             _align_classes(val, train_classes)

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from eva02.data.datasets import ImageDataset, build_dataset, split_bad
+from eva02.data.hf import hf_dataset
 from eva02.data.images import iter_image_paths
 from eva02.data.masking import BlockMaskGenerator
 from eva02.data.shards import shard_dataset
@@ -101,11 +102,14 @@ def plain_folder(root: str | os.PathLike) -> list[tuple[str, int]]:
 
 
 def build_mim_dataset(cfg: RunConfig, transform: Any) -> Dataset:
-    """The train images: a list file, class folders, or a plain folder of images; or tar shards (data.format
-    'wds'). Labels are unused."""
+    """The train images: a list file, class folders, or a plain folder of images; tar shards (data.format
+    'wds') or a Hugging Face dataset ('hf'). Labels are unused."""
     d = cfg.data
-    if d.format == "wds":
-        ds = shard_dataset(d.train_shards or os.path.join(d.root, d.train_split), transform, d.shard_cache)
+    if d.format in ("wds", "hf"):
+        if d.format == "wds":
+            ds = shard_dataset(d.train_shards or os.path.join(d.root, d.train_split), transform, d.shard_cache)
+        else:  # no label column needed
+            ds = hf_dataset(d.hf_name, d.train_split, transform, d.hf_image, "")
         if len(ds) == 0:
             raise ValueError(f"the train data of data.format={d.format!r} holds no images")
         return ds
