@@ -130,7 +130,7 @@ def test_negative_values_are_rejected_everywhere(key: str) -> None:
         ("train.task", "caption", "one of 'classify', 'mim'"),
         ("model.name", "tinyy", "a variant (test, tiny, small, base, large) or a zoo name"),
         ("mim.teacher_kind", "timm", "one of 'open_clip', 'eva02_clip', 'eva02'"),
-        ("mim.teacher_amp", "fp8", "one of 'bf16', 'fp16', 'none'"),
+        ("mim.teacher_amp", "fp8", "one of 'fp32', 'bf16', 'fp16', 'none'"),
         ("mim.teacher_name", "", "a non-empty name"),
         ("mim.num_masking", "300", "int in [1, 256]"),
         ("mim.min_aspect", "2", "float in (0, 1]"),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from eva02.cli import CliError
-from eva02.cli.options import add_batch_size, add_checkpoint, add_dtype, add_model, positive_int
+from eva02.cli.options import add_batch_size, add_checkpoint, add_dtype, add_model, check_device, positive_int
 from eva02.cli.predict import PIPE_CLOSED, StdoutClosed, collect_paths, emit, progress, warn, worker_count
 from eva02.hints import count
 
@@ -82,20 +82,6 @@ def choose_clip(model: str | None, checkpoint: str | None) -> tuple[Any, Path | 
     pre = entry.preprocess if entry is not None else Preprocess(img_size=cfg.vision.img_size)
     record = {"name": entry.name if entry else None, "checkpoint": str(ckpt.resolve()) if ckpt else None}
     return entry, ckpt, pre, json.loads(json.dumps({**record, "config": cfg.to_dict(), "preprocess": asdict(pre)}))
-
-
-def check_device(args: argparse.Namespace):
-    from eva02.inference import resolve_device
-
-    try:
-        device = resolve_device(args.device)
-    except ValueError:
-        if args.device.startswith("cuda"):
-            raise CliError(f"--device {args.device}: no CUDA device is visible here; use --device cpu") from None
-        raise CliError(f"--device {args.device}: unknown device; use cpu, cuda or cuda:N") from None
-    if getattr(args, "dtype", None) == "fp16" and device.type != "cuda":
-        raise CliError("--dtype fp16 needs a CUDA device (--device cuda); on CPU use --dtype bf16 or fp32")
-    return device
 
 
 def load_clip(entry, ckpt: Path | None, device):
@@ -228,9 +214,10 @@ def zero_shot_head(clip, labels: list[str], templates: list[str], dtype: str | N
     from tqdm import tqdm
 
     from eva02.clip import zero_shot_classifier
+    from eva02.dtypes import autocast, autocast_dtype
 
     device = next(clip.parameters()).device
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype or "fp32")
+    half = autocast_dtype(dtype)
     step = max(1, PROMPTS_PER_STEP // len(templates))
     cols = []
     with tqdm(
@@ -242,7 +229,7 @@ def zero_shot_head(clip, labels: list[str], templates: list[str], dtype: str | N
         disable=True if len(labels) <= step else None,
     ) as bar:
         for i in range(0, len(labels), step):
-            with torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None):
+            with autocast(device.type, half):
                 cols.append(zero_shot_classifier(clip, labels[i : i + step], templates).float().cpu())
             bar.update(len(labels[i : i + step]))
     return torch.cat(cols, dim=1)  # (E, C)
@@ -257,7 +244,7 @@ def zero_shot(args: argparse.Namespace) -> int:
         raise CliError(f"--workers must be 0 or more, got {args.workers}")
     need_tokenizer("zero-shot")
     entry, ckpt, pre, _ = choose_clip(args.model, args.checkpoint)
-    device = check_device(args)
+    device = check_device(args.device, getattr(args, "dtype", None))
     from eva02.data.transforms import eval_transform  # torch: after the checks
     from eva02.inference import iter_file_batches
     from eva02.retrieval import embed_batch

@@ -106,3 +106,19 @@ def zoo_entry(name: str) -> ZooEntry:
         return resolve(name)
     except ValueError:
         raise CliError(unknown_model_message(name)) from None
+
+
+def check_device(device: str | None, dtype: str | None = None):
+    """The torch device `--device` names (default: CUDA when available), checked with `--dtype`: a
+    one-line CliError for an unknown or missing device, or fp16 on a CPU. Imports torch."""
+    from eva02.inference import resolve_device
+
+    try:
+        found = resolve_device(device)
+    except ValueError:
+        if device.startswith("cuda"):
+            raise CliError(f"--device {device}: no CUDA device is visible here; use --device cpu") from None
+        raise CliError(f"--device {device}: unknown device; use cpu, cuda or cuda:N") from None
+    if dtype == "fp16" and found.type != "cuda":
+        raise CliError("--dtype fp16 needs a CUDA device (--device cuda); on CPU use --dtype bf16 or fp32")
+    return found

@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING
 
 from eva02.assets import DEMO_IMAGE
 from eva02.cli import CliError
-from eva02.cli.options import HIDDEN, add_batch_size, add_checkpoint, add_dtype, add_model, add_out, zoo_entry
+from eva02.cli.options import (
+    HIDDEN,
+    add_batch_size,
+    add_checkpoint,
+    add_dtype,
+    add_model,
+    add_out,
+    check_device,
+    zoo_entry,
+)
 from eva02.fileio import check_output, check_writable_dir
 from eva02.hints import count
 from eva02.threads import default_threads
@@ -87,8 +96,6 @@ def check_batching(args: argparse.Namespace) -> None:
 
 def check_model_args(args: argparse.Namespace, need_head: bool) -> None:
     """--model, --checkpoint, --device, --dtype and --img-size, checked before anything is read or loaded."""
-    from eva02.inference import resolve_device
-
     if args.model is None and args.checkpoint is None:
         raise CliError("give -m/--model NAME (see `eva02 list`) or --checkpoint FILE")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
@@ -99,14 +106,7 @@ def check_model_args(args: argparse.Namespace, need_head: bool) -> None:
             raise CliError(headless_message(entry.name))
         if args.img_size is not None:
             check_img_size(args.img_size, entry.cfg.patch_size)
-    try:
-        device = resolve_device(args.device)
-    except ValueError:
-        if args.device.startswith("cuda"):
-            raise CliError(f"--device {args.device}: no CUDA device is visible here; use --device cpu") from None
-        raise CliError(f"--device {args.device}: unknown device; use cpu, cuda or cuda:N") from None
-    if args.dtype == "fp16" and device.type != "cuda":
-        raise CliError("--dtype fp16 needs a CUDA device (--device cuda); on CPU use --dtype bf16 or fp32")
+    check_device(args.device, args.dtype)
 
 
 def headless_message(what: str) -> str:

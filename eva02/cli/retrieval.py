@@ -20,13 +20,12 @@ from eva02.cli import CliError
 from eva02.cli.clip import (
     add_batch_args,
     add_clip_args,
-    check_device,
     choose_clip,
     load_clip,
     need_tokenizer,
     quiet_pipe,
 )
-from eva02.cli.options import add_out, positive_int
+from eva02.cli.options import add_out, check_device, positive_int
 from eva02.cli.predict import emit, warn, worker_count
 from eva02.hints import count
 
@@ -127,7 +126,7 @@ def index(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise CliError(f"--workers must be 0 or more, got {args.workers}")
     entry, ckpt, pre, record = choose_clip(args.model, args.checkpoint)
-    device = check_device(args)
+    device = check_device(args.device, getattr(args, "dtype", None))
     if args.ann:
         from eva02.extras import need
 
@@ -251,7 +250,7 @@ def search(args: argparse.Namespace) -> int:
     fix = "search it with the model that built it (leave out -m and --checkpoint)"
     try:
         check_same_model(idx.model, record, str(path), fix)
-        device = check_device(args)
+        device = check_device(args.device, getattr(args, "dtype", None))
         clip = load_clip(entry, ckpt, device)
         check_same_model(idx.model, model_info(clip, pre, record["name"], ckpt), str(path), fix)
     except IndexMismatch as e:

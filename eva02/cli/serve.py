@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from eva02.cli import CliError
-from eva02.cli.options import add_checkpoint, add_dtype, add_model, positive_int
+from eva02.cli.options import add_checkpoint, add_dtype, add_model, check_device, positive_int
 from eva02.cli.predict import check_img_size, check_model_args, load_model_from_args
 from eva02.extras import need
 
@@ -225,21 +225,13 @@ def clip_file_hint(checkpoint: str | None) -> CliError | None:
 
 def check_clip_args(args: argparse.Namespace) -> None:
     """--checkpoint, --device, --dtype and --img-size of a CLIP model, before anything loads."""
-    from eva02.inference import resolve_device
     from eva02.weights.zoo import find_clip
 
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise CliError(f"--checkpoint file '{args.checkpoint}' does not exist")
     if args.model is not None and args.img_size is not None:
         check_img_size(args.img_size, find_clip(args.model).cfg.vision.patch_size)
-    try:
-        device = resolve_device(args.device)
-    except ValueError:
-        if args.device.startswith("cuda"):
-            raise CliError(f"--device {args.device}: no CUDA device is visible here; use --device cpu") from None
-        raise CliError(f"--device {args.device}: unknown device; use cpu, cuda or cuda:N") from None
-    if args.dtype == "fp16" and device.type != "cuda":
-        raise CliError("--dtype fp16 needs a CUDA device (--device cuda); on CPU use --dtype bf16 or fp32")
+    check_device(args.device, args.dtype)
 
 
 def load_clip_from_args(args: argparse.Namespace):

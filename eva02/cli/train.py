@@ -154,8 +154,8 @@ def results_path(args) -> Path:
 
 
 def run_test(args) -> int:
-    import torch
 
+    from eva02.dtypes import autocast_dtype
     from eva02.engine.dist import init_distributed
     from eva02.engine.evaluate import format_table
     from eva02.engine.testing import run_test as evaluate
@@ -166,7 +166,7 @@ def run_test(args) -> int:
     out = results_path(args)
     if init_distributed().is_main:  # checked before the evaluation, not after it
         check_output(out, inputs=[args.checkpoint], force=args.force)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
+    amp = autocast_dtype(cfg.train.amp)
     metrics, classes = evaluate(cfg, args.checkpoint, args.use_ema or None, amp, args.batch_size)
     if not init_distributed().is_main:
         return 0

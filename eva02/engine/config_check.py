@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from eva02 import dtypes
+from eva02.dtypes import ALIASES, DTYPES
 from eva02.engine.tasks import TASKS
 from eva02.model.config import VARIANTS
 from eva02.weights.zoo import find_clip, resolve
@@ -117,7 +118,7 @@ RULES: dict[str, Rule] = {
     "train.dist_timeout_s": POSITIVE,
     "mim.teacher_kind": _one_of(*TEACHER_KINDS),
     "mim.teacher_name": (bool, "a non-empty name"),
-    "mim.teacher_amp": _one_of("bf16", "fp16", "none"),
+    "mim.teacher_amp": _one_of(*DTYPES, *ALIASES),
     "mim.target_dim": NON_NEGATIVE,
     "mim.num_masking": (lambda v: 1 <= v <= 256, "{type} in [1, 256] (patches of the 16x16 grid)"),
     "mim.min_num": POSITIVE,
@@ -130,6 +131,8 @@ RULES: dict[str, Rule] = {
     "det.aspect_ratios": (lambda v: len(v) > 0 and min(v) > 0, "one or more numbers > 0"),
     "det.out_channels": POSITIVE,
     "det.roi_batch_per_image": POSITIVE,
+    "det.rpn_pre_nms_top_n": (lambda v: len(v) == 2 and min(v) > 0, "two numbers > 0 (training, testing)"),
+    "det.rpn_post_nms_top_n": (lambda v: len(v) == 2 and min(v) > 0, "two numbers > 0 (training, testing)"),
     "det.score_thresh": PROBABILITY,
     "det.nms_thresh": (lambda v: 0 < v <= 1, "{type} in (0, 1]"),
     "det.detections_per_img": POSITIVE,

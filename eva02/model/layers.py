@@ -194,12 +194,3 @@ class Block(nn.Module):
         x = x + drop_path(self.attn(self.norm1(x), rope), self.drop_path, self.training)  # (B, T, D)
         x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)  # (B, T, D)
         return x
-
-
-def __getattr__(name: str):
-    # `traced` lived here before the fast forms moved to fast.py; older callers still look it up here.
-    if name == "traced":
-        from eva02.model import fast
-
-        return fast.traced
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,6 +19,7 @@ from PIL import Image
 
 from eva02.data.images import ImageSource, load_image
 from eva02.data.transforms import eval_transform
+from eva02.dtypes import autocast, autocast_dtype
 from eva02.fileio import PathLike
 from eva02.model.clip import ClipConfig, Eva02Clip
 from eva02.weights.zoo import Preprocess
@@ -55,8 +56,7 @@ def embed_batch(clip: Eva02Clip, batch: torch.Tensor, dtype: str | None = None) 
     """Preprocessed images (B, 3, S, S) -> unit-norm embeddings (B, E), fp32 on the CPU; `dtype` 'bf16' or
     'fp16' runs the tower under autocast."""
     device = next(clip.parameters()).device
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype or "fp32")
-    with torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None):
+    with autocast(device.type, autocast_dtype(dtype)):
         x = clip.encode_image(batch.to(device))
     return F.normalize(x.float(), dim=-1).cpu()
 

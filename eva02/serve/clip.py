@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from eva02.dtypes import autocast
 from eva02.model.clip import Eva02Clip
 from eva02.model.config import Eva02Config
 from eva02.serve.runner import EXPLAIN, ModelRunner
@@ -160,7 +161,7 @@ class ClipRunner(ModelRunner):
 
     def _autocast(self):
         dt = self.autocast_dtype
-        return torch.autocast(self.device.type, dtype=dt or torch.bfloat16, enabled=dt is not None)
+        return autocast(self.device.type, dt)
 
     def warm_up(self) -> None:
         """One image and one text through the model before traffic (the tokenizer loads here too)."""

@@ -27,6 +27,7 @@ from PIL import Image
 from eva02 import explain
 from eva02.data.images import ImageError, load_image
 from eva02.data.transforms import eval_transform
+from eva02.dtypes import autocast
 from eva02.inference import AUTOCAST_DTYPES, Predictor
 from eva02.model.vit import Eva02
 from eva02.weights.zoo import Preprocess
@@ -193,7 +194,7 @@ class ModelRunner:
         """Preprocessed images (B, 3, S, S) -> pooled, normalised features (B, D) float32."""
         dt = self.autocast_dtype
         x = batch.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=dt or torch.bfloat16, enabled=dt is not None):
+        with autocast(self.device.type, dt):
             (feats,) = self.model.extract_feat(x, out_type="avg_featmap", out_indices=(-1,))  # (B, D)
         return feats.float().cpu().numpy()
 

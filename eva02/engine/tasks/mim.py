@@ -24,6 +24,7 @@ from eva02.data.hf import hf_dataset
 from eva02.data.images import iter_image_paths
 from eva02.data.masking import BlockMaskGenerator
 from eva02.data.shards import shard_dataset
+from eva02.dtypes import autocast_dtype
 from eva02.engine.tasks.base import build_eva02, model_config
 from eva02.model import Eva02
 from eva02.model.mim import Eva02MIM, backbone_state_dict, cosine_loss
@@ -144,7 +145,7 @@ def collate_masked(items: list) -> dict[str, Any]:
 def build_teacher(m: MimCfg) -> FrozenTeacher:
     """The frozen teacher of a run: an open_clip EVA-CLIP tower, our EVA-02-CLIP image tower, or one of our
     models / checkpoints."""
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[m.teacher_amp]
+    amp = autocast_dtype(m.teacher_amp)
     if m.teacher_kind == "open_clip":
         return build_open_clip_teacher(m.teacher_name, open_clip_weights(m.teacher_name, m.teacher_pretrained), amp)
     p = m.teacher_pretrained
