@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from eva02 import dtypes
-from eva02.dtypes import ALIASES, DTYPES
 from eva02.engine.tasks import TASKS
 from eva02.model.config import VARIANTS
 from eva02.weights.zoo import find_clip, resolve
@@ -118,7 +117,7 @@ RULES: dict[str, Rule] = {
     "train.dist_timeout_s": POSITIVE,
     "mim.teacher_kind": _one_of(*TEACHER_KINDS),
     "mim.teacher_name": (bool, "a non-empty name"),
-    "mim.teacher_amp": _one_of(*DTYPES, *ALIASES),
+    "mim.teacher_amp": _one_of(*dtypes.DTYPES, *dtypes.ALIASES),
     "mim.target_dim": NON_NEGATIVE,
     "mim.num_masking": (lambda v: 1 <= v <= 256, "{type} in [1, 256] (patches of the 16x16 grid)"),
     "mim.min_num": POSITIVE,
