@@ -392,3 +392,29 @@ def test_search_with_faiss(files, capsys, tmp_path) -> None:
     rc, _, err = run(capsys, "search", out, "--image", query, "--ann")
     assert rc == 2
     one_line_error(err, "earlier version", "--update --ann")
+
+
+def test_features_of_a_clip_tower_give_its_embeddings(files, capsys, tmp_path) -> None:
+    """`eva02 features -m CLIP --out-type embedding` writes encode_image's embeddings, in file order."""
+    from safetensors import safe_open
+
+    root, imgs, _ = files
+    out = tmp_path / "emb.safetensors"
+    rc, _, err = run(capsys, "features", imgs, "-m", "EVA02-CLIP-test", "--checkpoint", root / "a.safetensors",
+                     "--out-type", "embedding", "-o", out)  # fmt: skip
+    assert rc == 0, err
+    with safe_open(str(out), "np") as f:
+        emb, order = f.get_tensor("features"), json.loads(f.metadata()["files"])
+    assert emb.shape == (9, CLIP_VARIANTS["test"].embed_dim)
+    clip = get_clip(None, pretrained=root / "a.safetensors")
+    from eva02.data.transforms import eval_transform
+    from eva02.weights.zoo import find_clip
+
+    tf = eval_transform(find_clip("EVA02-CLIP-test").preprocess)
+    with torch.no_grad():
+        x = torch.stack([tf(Image.open(p).convert("RGB")) for p in order])
+        np.testing.assert_allclose(emb, clip.encode_image(x).numpy(), rtol=1e-4, atol=1e-5)
+    rc, _, err = run(capsys, "features", imgs, "-m", "eva02-tiny-p14_in21k-pre_3rdparty_in1k", "--out-type",
+                     "embedding", "-o", tmp_path / "x.npy")  # fmt: skip
+    assert rc == 2
+    one_line_error(err, "CLIP")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-OUT_TYPES = ("avg_featmap", "cls_token", "featmap", "raw")
+OUT_TYPES = ("avg_featmap", "cls_token", "featmap", "raw", "embedding")
 SUFFIXES = (".npy", ".safetensors")
 
 
@@ -59,7 +60,8 @@ def register(subparsers) -> None:
         "--out-type",
         default="avg_featmap",
         choices=OUT_TYPES,
-        help="avg_featmap (N, D) pooled; cls_token (N, D); featmap (N, D, H, W); raw tokens (N, 1+HW, D)",
+        help="avg_featmap (N, D) pooled; cls_token (N, D); featmap (N, D, H, W); raw tokens (N, 1+HW, D); "
+        "embedding (N, E): an EVA-02-CLIP model's joint-space image embedding (not normalised)",
     )
     p.add_argument(
         "--out-indices", type=int, nargs="+", default=[-1], metavar="I", help="blocks to read, negative from the end"
@@ -128,9 +130,35 @@ def run(args: argparse.Namespace) -> int:
         return PIPE_CLOSED
 
 
+def clip_entry(args: argparse.Namespace):
+    """The EVA-02-CLIP zoo entry --model names, or None for the classifiers' names."""
+    from eva02.weights.zoo import find_clip
+
+    return find_clip(args.model) if args.model else None
+
+
+def load_clip_tower(args: argparse.Namespace):
+    """(image tower, preprocess) of the EVA-02-CLIP model --model names (weights: --checkpoint or the zoo's)."""
+    from eva02.cli.options import check_device
+    from eva02.weights.clip import get_clip
+
+    entry = clip_entry(args)
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise CliError(f"--checkpoint file '{args.checkpoint}' does not exist")
+    device = check_device(args.device, args.dtype)
+    try:
+        clip = get_clip(entry, pretrained=args.checkpoint or True, device=device)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CliError(f"cannot load the model: {' '.join(str(e).split())}") from None
+    pre = entry.preprocess if args.img_size is None else replace(entry.preprocess, img_size=args.img_size)
+    return clip.visual, pre
+
+
 def features(args: argparse.Namespace) -> int:
     """The `features` command."""
     check_batching(args)
+    if args.out_type == "embedding" and not clip_entry(args):
+        raise CliError("--out-type embedding is the joint-space embedding of EVA-02-CLIP models: give -m CLIP-NAME")
     paths = collect_paths(args)
     out = check_outputs(args, paths)
     import numpy as np  # torch and friends: after the input and output checks
@@ -138,7 +166,7 @@ def features(args: argparse.Namespace) -> int:
     from eva02.data.transforms import eval_transform
     from eva02.inference import iter_file_batches
 
-    model, pre = load_model_from_args(args, need_head=False)
+    model, pre = load_clip_tower(args) if clip_entry(args) else load_model_from_args(args, need_head=False)
     depth = len(model.blocks)
     bad = [i for i in args.out_indices if not -depth <= i < depth]
     if bad:
