@@ -86,6 +86,11 @@ def test_same_input_gives_the_same_bytes_with_any_worker_count(tmp_path: Path, c
     assert main(["shard", str(src), "-o", str(tmp_path / "b"), "--shard-size", "4KB", "--workers", "2"]) == 0
     a, b = (json.loads((tmp_path / x / "manifest.json").read_text()) for x in "ab")
     assert [e["sha256"] for e in a["shardlist"]] == [e["sha256"] for e in b["shardlist"]]
+    # --shard-size is the size of the tar file: each shard but the last reaches it, and passes it by at
+    # most one sample and tar's closing record (10 KiB).
+    assert main(["shard", str(src), str(tmp_path / "c"), "--shard-size", "12KB"]) == 0
+    sizes = [e["filesize"] for e in json.loads((tmp_path / "c" / "manifest.json").read_text())["shardlist"]]
+    assert len(sizes) > 1 and all(12_000 <= n <= 12_000 + 4096 + 10240 for n in sizes[:-1]), sizes
 
 
 def test_outputs_are_checked_before_work_and_replaced_only_with_force(tmp_path: Path, capsys) -> None:

@@ -3,11 +3,11 @@
 
 A shard holds samples `{key}.jpg|png` (the image file's own bytes when it is a JPEG or PNG, else a
 lossless PNG of the decoded RGB image), `{key}.cls` (the label, absent for plain folders) and
-`{key}.json` (source path and class name). Tars are written by `webdataset`'s ShardWriter with a fixed
-mtime (the same input gives the same bytes) under temporary names, renamed into place when all of them
-are complete; `manifest.json` comes last. It is also a `wids` dataset description (`shardlist` of
-`url` / `nsamples`) and adds the sha256, byte size and per-class counts of each shard, the class names
-and the images left out as unreadable.
+`{key}.json` (source path and class name). Tars are written by `webdataset`'s TarWriter with a fixed
+mtime (the same input gives the same bytes), a new one when the current tar reaches the shard size,
+under temporary names, renamed into place when all of them are complete; `manifest.json` comes last.
+It is also a `wids` dataset description (`shardlist` of `url` / `nsamples`) and adds the sha256, byte
+size and per-class counts of each shard, the class names and the images left out as unreadable.
 
 Reading goes through `wids` (webdataset's indexed reader: a tar's members indexed once, then read by
 offset), so sample `i` of the dataset is a fixed (shard, offset) and the engine's samplers apply as to
@@ -206,29 +206,47 @@ class _HashingFile(io.RawIOBase):
         self.f.close()
 
 
+def _tar_bytes(sample: dict[str, Any]) -> int:
+    """Bytes a sample takes in a tar: a 512-byte header per member, data padded to 512-byte blocks."""
+    return sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if k != "__key__")
+
+
 @dataclass
-class _ShardLog:
-    """Temporary files and per-shard figures of one `write_shards` call."""
+class _Shards:
+    """The shards of one `write_shards` call: webdataset TarWriters over temporary files, a new one when
+    the current tar has reached `size` bytes; per-shard figures for the manifest."""
 
     out: Path
-    files: dict[str, _HashingFile] = field(default_factory=dict)  # final name -> open temporary
+    size: int
+    tar_writer: Callable
+    files: list[_HashingFile] = field(default_factory=list)
     done: list[dict[str, Any]] = field(default_factory=list)
-    counts: dict[str, Counter] = field(default_factory=dict)
+    writer: Any = None
+    bytes: int = 0
+    counts: Counter = field(default_factory=Counter)
 
-    def open(self, fname: str) -> _HashingFile:
-        self.files[fname] = f = _HashingFile(temp_path(self.out / Path(fname).name, ".part"))
-        self.counts[fname] = Counter()
-        return f
+    def write(self, sample: dict[str, Any], label: int) -> None:
+        if self.writer is None or self.bytes >= self.size:
+            self.finish()
+            self.files.append(_HashingFile(temp_path(self.out / (SHARD_NAME % len(self.files)), ".part")))
+            self.writer, self.bytes, self.counts = self.tar_writer(self.files[-1], mtime=0), 0, Counter()
+        self.writer.write(sample)
+        self.bytes += _tar_bytes(sample)
+        self.counts[label] += 1
 
-    def close(self, fname: str) -> None:
-        f = self.files[fname]
+    def finish(self) -> None:
+        """Close the current shard and note its figures."""
+        if self.writer is None:
+            return
+        self.writer.close()
+        self.writer, f = None, self.files[-1]
         f.finish()
-        counts = {str(k): v for k, v in sorted(self.counts[fname].items())}
-        self.done.append({"url": Path(fname).name, "nsamples": sum(counts.values()), "filesize": f.size,
-                          "sha256": f.sha.hexdigest(), "class_counts": counts})  # fmt: skip
+        counts = {str(k): v for k, v in sorted(self.counts.items())}
+        self.done.append({"url": SHARD_NAME % (len(self.files) - 1), "nsamples": sum(counts.values()),
+                          "filesize": f.size, "sha256": f.sha.hexdigest(), "class_counts": counts})  # fmt: skip
 
     def discard(self) -> None:
-        for f in self.files.values():
+        for f in self.files:
             with contextlib.suppress(OSError):
                 f.f.close()
                 f.path.unlink()
@@ -265,7 +283,7 @@ def write_shards(
     out = Path(out)
     old = check_out(out, source.root, force)
     clean_stale_temps(out)
-    log, skipped, writer = _ShardLog(out), [], None
+    shards, skipped = _Shards(out, shard_size, wds.TarWriter), []
     encoded = _encoded(source.items, workers)
     try:
         for i, ((path, label), (key, data)) in enumerate(zip(source.items, encoded, strict=True)):
@@ -274,39 +292,36 @@ def write_shards(
                 if on_item:
                     on_item(data)
                 continue
-            if writer is None:
-                writer = wds.ShardWriter(str(out / SHARD_NAME), maxsize=shard_size, maxcount=10**9, opener=log.open,
-                                         post=log.close, verbose=0, mtime=0)  # fmt: skip
             meta = {"path": os.path.relpath(path, source.root), "index": i}
-            sample = {"__key__": f"{i:09d}", key: data, "json": meta}
+            sample = {"__key__": f"{i:09d}", key: data}
             if source.kind != "plain":
-                sample["cls"], meta["class"] = label, source.classes[label]
-            writer.write(sample)
-            log.counts[writer.fname][label] += 1
+                sample["cls"], meta["class"] = str(label).encode(), source.classes[label]
+            sample["json"] = json.dumps(meta).encode()  # members as bytes: their tar size is known
+            shards.write(sample, label)
             if on_item:
                 on_item(None)
-        if writer is None:
+        if not shards.files:
             raise ValueError(f"no usable images in {source.root} ({count(len(skipped), 'unreadable image')})")
-        writer.close()
+        shards.finish()
         manifest = {"format": FORMAT, "version": 1, "wids_version": 1, "name": out.name, "source": str(source.root),
-                    "kind": source.kind, "classes": source.classes, "count": sum(e["nsamples"] for e in log.done),
-                    "shardlist": log.done, "skipped": skipped}  # fmt: skip
-        _commit(out, log, old, manifest)
+                    "kind": source.kind, "classes": source.classes, "count": sum(e["nsamples"] for e in shards.done),
+                    "shardlist": shards.done, "skipped": skipped}  # fmt: skip
+        _commit(out, shards, old, manifest)
     except BaseException:
-        log.discard()
+        shards.discard()
         raise
     finally:
         encoded.close()  # stops the decoding processes
     return manifest
 
 
-def _commit(out: Path, log: _ShardLog, old: list[Path], manifest: dict[str, Any]) -> None:
+def _commit(out: Path, shards: _Shards, old: list[Path], manifest: dict[str, Any]) -> None:
     """Rename the finished temporaries into place; the manifest goes last (first gone: `old` ones)."""
     with contextlib.suppress(FileNotFoundError):
         (out / MANIFEST).unlink()  # no manifest describes the folder while it changes
-    for fname, f in log.files.items():
+    for f, e in zip(shards.files, shards.done, strict=True):
         os.chmod(f.path, 0o666 & ~current_umask())
-        os.replace(f.path, out / Path(fname).name)
+        os.replace(f.path, out / e["url"])
     kept = {e["url"] for e in manifest["shardlist"]}
     for p in old:
         if p.name not in kept and p.name != MANIFEST:
