@@ -18,6 +18,7 @@ from eva02.fileio import atomic_write
 from eva02.model.clip import ClipConfig, Eva02Clip
 from eva02.weights.convert import CLIP_FORMATS, clip_to_ours, detect_clip_format, fit_to_config
 from eva02.weights.files import read_checkpoint, read_metadata
+from eva02.weights.load import fetch_weights, state_mismatch
 from eva02.weights.zoo import (  # noqa: F401 (part of this module's API)
     CLIP_ZOO,
     ClipEntry,
@@ -66,17 +67,9 @@ def load_clip_state(model: Eva02Clip, sd: StateDict, where: str = "checkpoint") 
     """Load our-layout weights strictly, resampling the image tower's position embedding to its grid."""
     visual = fit_to_config({k[7:]: v for k, v in sd.items() if k.startswith("visual.")}, model.cfg.vision)
     sd = {**sd, **{"visual." + k: v for k, v in visual.items()}}
-    want = model.state_dict()
-    missing = [k for k in want if k not in sd]
-    extra = [k for k in sd if k not in want]
-    shapes = [k for k in want if k in sd and want[k].shape != sd[k].shape]
-    if missing or extra or shapes:
-        if shapes:
-            k = shapes[0]
-            detail = f"{k} is {tuple(sd[k].shape)} there but {tuple(want[k].shape)} in the model"
-        else:
-            detail = f"missing {missing[:4]}" if missing else f"unexpected {extra[:4]}"
-        raise ValueError(f"{where} does not fit this CLIP model: {detail}; pick the model name that matches the file")
+    found = state_mismatch(model.state_dict(), sd)
+    if found is not None:
+        raise ValueError(f"{where} does not fit this CLIP model: {found[0]}; pick the model name that matches the file")
     model.load_state_dict(sd, strict=True)
     return model
 
@@ -95,8 +88,6 @@ def get_clip(
     'open_clip' / 'official'); a path loads that file (open_clip, BAAI EVA-CLIP or ours). With
     `name=None` the path must be one of our files (its config is stored in it).
     """
-    from eva02.weights.load import fetch_weights
-
     entry: ClipEntry | None = None
     if name is None:
         cfg = None if isinstance(pretrained, bool) else clip_config_of(pretrained)

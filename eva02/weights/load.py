@@ -159,21 +159,32 @@ def describe(sd: StateDict) -> str:
     return f"dim {dim}, depth {depth}, {kind}" + (f" (a {sizes[0]} model)" if sizes else "")
 
 
-def _load_strict(model: Eva02, sd: StateDict) -> None:
-    want = model.state_dict()
-    missing = [k for k in want if k not in sd]
-    extra = [k for k in sd if k not in want]
-    shapes = [k for k in want if k in sd and want[k].shape != sd[k].shape]
+def state_mismatch(want: dict[str, torch.Tensor | torch.Size], sd: StateDict) -> tuple[str, list[str]] | None:
+    """How a state dict differs from the tensors (or shapes) a model wants: (the first difference in
+    words, every differing key), or None when every key is there with its shape and nothing else."""
+    shape = {k: v.shape if isinstance(v, torch.Tensor) else torch.Size(v) for k, v in want.items()}
+    missing = [k for k in shape if k not in sd]
+    extra = [k for k in sd if k not in shape]
+    shapes = [k for k in shape if k in sd and shape[k] != sd[k].shape]
     if not (missing or extra or shapes):
-        model.load_state_dict(sd, strict=True)
-        return
-    have = f"the checkpoint ({describe(sd)}) does not fit the model ({describe(want)})"
+        return None
     if shapes:
         k = shapes[0]
-        detail = f"{k} is {tuple(sd[k].shape)} in the checkpoint but {tuple(want[k].shape)} in the model"
+        detail = f"{k} is {tuple(sd[k].shape)} in the checkpoint but {tuple(shape[k])} in the model"
     else:
         detail = f"missing {missing[:4]}" if missing else f"unexpected {extra[:4]}"
-    if {k.split(".")[0] for k in missing + extra + shapes} <= {"head", "fc_norm", "norm"}:
+    return detail, missing + extra + shapes
+
+
+def _load_strict(model: Eva02, sd: StateDict) -> None:
+    want = model.state_dict()
+    found = state_mismatch(want, sd)
+    if found is None:
+        model.load_state_dict(sd, strict=True)
+        return
+    detail, keys = found
+    have = f"the checkpoint ({describe(sd)}) does not fit the model ({describe(want)})"
+    if {k.split(".")[0] for k in keys} <= {"head", "fc_norm", "norm"}:
         fix = f"the head differs: use {hint('num_classes')}"
     else:
         fix = f"use {hint('matching_model')}"
