@@ -200,3 +200,77 @@ def test_list_format_needs_a_list_file(digits) -> None:
     cfg = override(load_config(digits["cfg"]), {"data.format": "list"})
     with pytest.raises(FileNotFoundError, match="data.format='list' needs a list file: set data.train_list"):
         ClassificationTask().build_datasets(cfg)
+
+
+@pytest.mark.slow
+def test_two_processes_on_shards_killed_then_resumed_in_one_process(digits, tmp_path: Path) -> None:
+    """torchrun with 2 ranks and 2 DataLoader workers each reads the shards; SIGKILL after step 3; the
+    resume in 1 process ends where the uninterrupted 1-process run ends (float tolerance: no drop path,
+    no mixup, whose seeds are per process)."""
+    import contextlib
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from eva02.cli import main
+
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(config_text(digits["root"], epochs=4, batch=4, global_batch=16, randaug=2, drop_path=0.0,
+                               every_steps=1, log_every=1))  # fmt: skip
+    data = ["--set", "data.format=wds", f"data.root={digits['shards']}", "data.workers=2"]
+    assert main(["train", str(cfg), "--work-dir", str(tmp_path / "one"), *data]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    killed = tmp_path / "killed"
+    train_py = str(Path(__file__).resolve().parents[1] / "tools/train.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", train_py,
+           str(cfg), "--work-dir", str(killed), *data]  # fmt: skip
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step_00000003.pt").exists() and proc.poll() is None:
+        assert time.time() < deadline, (tmp_path / "killed.log").read_text()[-2000:]
+        time.sleep(0.01)
+    tree = _descendants(proc.pid)  # the ranks and their DataLoader workers
+    for pid in [proc.pid, *tree]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in tree):
+        assert time.time() < deadline, "processes of the killed run stay alive"
+        time.sleep(0.05)
+    assert not (killed / "final.safetensors").exists(), "the run ended before it was killed"
+    assert main(["train", str(cfg), "--work-dir", str(killed), "--resume", "auto", *data]) == 0
+    w1, w2 = load_file(tmp_path / "one" / "final.safetensors"), load_file(killed / "final.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=1e-4)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
