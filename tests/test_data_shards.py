@@ -180,6 +180,8 @@ def test_mim_reads_plain_folder_shards_as_the_folder(digits, tmp_path: Path) -> 
     folder, _ = MimTask().build_datasets(base)
     shards, _ = MimTask().build_datasets(override(base, {"data.format": "wds", "data.train_shards": str(plain)}))
     assert len(folder) == len(shards) == 48 and shards.classes == ["image"]
+    with pytest.raises(ValueError, match="has no labels"):  # such shards are no classification data
+        shards.check(10, "train")
     for i in (0, 20, 47):
         key = (i, sample_seed(0, 2, i))
         (xa, ma), _, _ = folder[key]
