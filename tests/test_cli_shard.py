@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from eva02.cli import main
-from eva02.data import shards
+from eva02.data import shard_writer
 
 
 def make_images(root: Path, classes=("cat", "dog", "emu"), per_class: int = 4, seed: int = 0) -> Path:
@@ -126,11 +126,11 @@ def test_a_failed_run_leaves_no_shard_behind(tmp_path: Path, monkeypatch) -> Non
             raise KeyboardInterrupt  # as Ctrl-C in the middle of a run
         return real(path)
 
-    real = shards.encode_file
-    monkeypatch.setattr(shards, "encode_file", failing)
+    real = shard_writer.encode_file
+    monkeypatch.setattr(shard_writer, "encode_file", failing)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        shards.write_shards(shards.scan_source(src), out, shard_size=1000)
+        shard_writer.write_shards(shard_writer.scan_source(src), out, shard_size=1000)
     assert out.is_dir() and list(out.iterdir()) == []  # neither shards nor their temporaries
 
 
@@ -157,12 +157,12 @@ def test_list_file_and_plain_folder(tmp_path: Path, capsys) -> None:
 
 
 def test_size_words() -> None:
-    assert shards.parse_size("1GB") == 10**9
-    assert shards.parse_size("2GiB") == 2 * 2**30
-    assert shards.parse_size("500 mb") == 5 * 10**8
-    assert shards.parse_size("4096") == 4096
+    assert shard_writer.parse_size("1GB") == 10**9
+    assert shard_writer.parse_size("2GiB") == 2 * 2**30
+    assert shard_writer.parse_size("500 mb") == 5 * 10**8
+    assert shard_writer.parse_size("4096") == 4096
     with pytest.raises(ValueError, match="not a size"):
-        shards.parse_size("0")
+        shard_writer.parse_size("0")
 
 
 def test_without_the_data_extra_one_line_before_any_work(tmp_path: Path, monkeypatch, capsys) -> None:

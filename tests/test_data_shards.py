@@ -19,7 +19,8 @@ from test_engine_digits import config_text, write_digits
 from torch.utils.data import DataLoader
 
 from eva02.data.datasets import BadSample, TrainSampler, build_dataset, collate, sample_seed
-from eva02.data.shards import scan_source, shard_dataset, write_shards
+from eva02.data.shard_writer import scan_source, write_shards
+from eva02.data.shards import shard_dataset
 from eva02.engine.config import ConfigError, RunConfig, load_config, override
 
 

@@ -1,5 +1,5 @@
 """`eva02 shard`: class folders, a list file or a plain folder of images -> WebDataset tar shards with a
-manifest (`eva02/data/shards.py`); `eva02 shard --verify DIR` re-reads every shard against its manifest.
+manifest (`eva02/data/shard_writer.py`); `eva02 shard --verify DIR` re-reads every shard against its manifest.
 
 The output folder is checked before the source is scanned: never inside the source, new or empty, or
 an earlier `eva02 shard` output that only `--force` replaces. Shards are written under temporary names
@@ -50,7 +50,7 @@ def _workers(args: argparse.Namespace) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
-    from eva02.data.shards import verify_shards
+    from eva02.data.shard_writer import verify_shards
 
     need("wids.wids", "data", "eva02 shard --verify")
     if len(args.paths) != 1 or args.out:
@@ -71,7 +71,7 @@ def verify(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.verify:
         return verify(args)
-    from eva02.data.shards import check_out, parse_size, scan_source, write_shards
+    from eva02.data.shard_writer import check_out, parse_size, scan_source, write_shards
 
     need("webdataset", "data", "eva02 shard")  # before anything is read or written
     if len(args.paths) == 2 and args.out and args.out != args.paths[1]:

@@ -3,10 +3,12 @@
 - Folders: `root/<class>/<image>`; classes are the sorted folder names (label = position).
 - List files (mmpretrain's `meta/train.txt`): one `relative/path label` per line, paths relative to a
   data prefix; class names from a names file (one per line) or `class_<i>`.
+- Records (`RecordDataset`): the base of the tar-shard and Hugging Face readers (`shards.py`, `hf.py`).
 A sample that fails to load comes back as a `BadSample` and is dropped by `collate`; the loop counts
 them, names them in a warning, and stops when more than the configured fraction is bad.
-Samplers yield `(index, seed)` keys so that augmentation is a function of (seed, epoch, index) only:
-independent of the number of workers or processes, and identical after a resume.
+Samplers yield `(index, seed)` keys so that augmentation is a function of (seed, epoch, index) only
+(`SeededDataset.apply`, shared by all of them): independent of the number of workers or processes, and
+identical after a resume.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from eva02.data.images import IMAGE_EXTENSIONS, ImageError, load_image
@@ -75,7 +79,26 @@ def read_names(path: str | os.PathLike) -> list[str]:
     return [line.strip() for line in p.read_text().splitlines() if line.strip()]
 
 
-class ImageDataset(Dataset):
+class SeededDataset(Dataset):
+    """A dataset whose augmentation is a function of the sampler's key: `apply` seeds `transform`."""
+
+    transform: Callable
+
+    def apply(self, img: Image.Image, seed: int | None) -> Any:
+        """`transform(img)`; with the key's seed (`sample_seed`), torch and `random` are seeded by it for the
+        call, and the caller's random streams stay as they were."""
+        if seed is None:
+            return self.transform(img)
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            out = self.transform(img)
+        random.setstate(py_state)
+        return out
+
+
+class ImageDataset(SeededDataset):
     """(path, label) samples -> (image tensor, label, index), or BadSample when the image is unusable."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], transform: Callable) -> None:
@@ -93,16 +116,7 @@ class ImageDataset(Dataset):
             img = load_image(path)
         except (ImageError, OSError) as e:
             return BadSample(path, str(e))
-        if seed is None:
-            return self.transform(img), label, index
-        # Seed the augmentation from the key without disturbing the caller's random streams.
-        py_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            out = self.transform(img)
-        random.setstate(py_state)
-        return out, label, index
+        return self.apply(img, seed), label, index
 
     def check_not_empty(self, what: str) -> None:
         if not self.samples:
@@ -126,6 +140,63 @@ class ImageDataset(Dataset):
                 f"the {what} dataset lists {len(missing)} missing file(s), e.g. {missing[0]!r}; "
                 "check the data prefix (data.root / data.*_split)"
             )
+
+
+class RecordDataset(SeededDataset):
+    """Records (shard samples, dataset rows) -> (image tensor, label, index), or BadSample when the image is
+    unusable; augmented as `ImageDataset` is. Subclasses implement `read` and `labels`."""
+
+    classes: list[str]
+    labelled: bool
+    label_map: list[int] | None = None  # validation labels renamed to train labels (`align_classes`)
+
+    def read(self, index: int) -> tuple[Image.Image, int]:
+        """The RGB image and label of record `index`; ImageError for an unusable image."""
+        raise NotImplementedError
+
+    def name(self, index: int) -> str:
+        return f"record {index}"
+
+    def labels(self) -> set[int]:
+        """The labels that occur (before `align_classes`)."""
+        raise NotImplementedError
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        try:
+            img, label = self.read(index)
+        except ImageError as e:
+            return BadSample(self.name(index), str(e))
+        if self.label_map is not None:
+            label = self.label_map[label]
+        return self.apply(img, seed), label, index
+
+    def check_not_empty(self, what: str) -> None:
+        if len(self) == 0:
+            raise ValueError(f"the {what} dataset is empty")
+
+    def check(self, num_classes: int, what: str) -> None:
+        """Errors before training: empty, unlabelled, or labels outside [0, num_classes)."""
+        self.check_not_empty(what)
+        if not self.labelled:
+            raise ValueError(f"the {what} dataset has no labels (a plain folder's images); classifying needs "
+                             "class folders or a list file behind it")  # fmt: skip
+        labels = self.labels()
+        if self.label_map is not None:
+            labels = {self.label_map[lab] for lab in labels}
+        bad = [lab for lab in labels if not 0 <= lab < num_classes]
+        if bad:
+            raise ValueError(f"the {what} dataset has label {min(bad)} outside [0, {num_classes}); "
+                             "fix the dataset's labels or set model.num_classes")  # fmt: skip
+
+    def align_classes(self, classes: list[str]) -> None:
+        """Give each class the label of the same name in `classes` (validation against train)."""
+        unknown = sorted(set(self.classes) - set(classes))
+        if unknown:
+            raise ValueError(f"validation classes {unknown[:5]} are not train classes; both need the same names")
+        index = {c: i for i, c in enumerate(classes)}
+        self.label_map = [index[c] for c in self.classes]
+        self.classes = list(classes)
 
 
 def build_dataset(root: str, split: str, list_file: str, names_file: str, transform: Callable) -> ImageDataset:

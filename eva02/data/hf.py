@@ -17,8 +17,8 @@ from typing import Any
 
 from PIL import Image
 
-from eva02.data.datasets import read_names
-from eva02.data.shards import RecordDataset, decode_image
+from eva02.data.datasets import RecordDataset, read_names
+from eva02.data.images import decode_image, read_bytes
 from eva02.extras import need
 
 
@@ -42,27 +42,18 @@ class HfDataset(RecordDataset):
             data = value.get("bytes")
             if data is None and value.get("path"):
                 name = f"{name} ({value['path']})"
-                data = _read_file(value["path"], name)
+                data = read_bytes(value["path"], name)
         elif isinstance(value, (bytes, bytearray)):
             data = bytes(value)
         elif isinstance(value, str):  # a column of file paths
             name = f"{name} ({value})"
-            data = _read_file(value, name)
+            data = read_bytes(value, name)
         else:
             data = b""
         return decode_image(data or b"", name), int(row[self.label]) if self.label else 0
 
     def labels(self) -> set[int]:
         return {-1 if v is None else int(v) for v in self.table.unique(self.label)} if self.label else {0}
-
-
-def _read_file(path: str, name: str) -> bytes:
-    from eva02.data.images import ImageError
-
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise ImageError(f"cannot load image '{name}': {e.strerror or e}") from None
 
 
 def _load(name: str, split: str, cache_dir: str | None) -> Any:

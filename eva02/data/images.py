@@ -13,6 +13,7 @@ of later inside a batch. Over-large images (PIL's decompression-bomb limit) are 
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterable
@@ -49,6 +50,22 @@ def load_image(src: ImageSource) -> Image.Image:
     raise ImageError(f"cannot load an image from a {type(src).__name__}: pass a path, PIL image, array or tensor")
 
 
+def read_bytes(path: str | os.PathLike, name: str = "") -> bytes:
+    """The bytes of image file `path`; ImageError naming `name` (default: the path) when it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ImageError(f"cannot load image '{name or path}': {e.strerror or e}") from None
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """Image bytes (an image file's contents) -> upright RGB, with the checks and errors of loading the
+    file itself; `name` names the source in the error (a path, a shard sample, a dataset row)."""
+    if not data:
+        raise ImageError(f"cannot load image '{name}': no image data (0 bytes)")
+    return _decode(io.BytesIO(data), name)
+
+
 def _open_path(path: Path) -> Image.Image:
     def fail(reason: str) -> ImageError:
         return ImageError(f"cannot load image '{path}': {reason}")
@@ -59,11 +76,20 @@ def _open_path(path: Path) -> Image.Image:
         raise fail("it is a directory (pass the files, or the directory to a command that expands it)")
     if path.stat().st_size == 0:
         raise fail("the file is empty (0 bytes)")
+    return _decode(path, str(path))
+
+
+def _decode(fp: Path | io.BytesIO, name: str) -> Image.Image:
+    """Fully decode (truncated or corrupt data fails here) to RGB; decompression bombs refused."""
+
+    def fail(reason: str) -> ImageError:
+        return ImageError(f"cannot load image '{name}': {reason}")
+
     try:
         with warnings.catch_warnings():
             # PIL only warns between 1x and 2x its pixel limit; a bomb is refused either way.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(fp) as img:
                 img.load()  # full decode now: truncated or corrupt data fails here
                 return to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
