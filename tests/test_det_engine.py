@@ -149,3 +149,27 @@ def test_a_short_run_and_eva02_test_on_its_final_weights(tmp_path, capsys) -> No
     assert rc == 0
     result = json.loads((tmp_path / "test.json").read_text())
     assert result["bbox_AP"] == pytest.approx(metrics["bbox_AP"], abs=1e-6) and result["count"] == 6
+
+
+@pytest.mark.parametrize(
+    "size,blocks,drop,lr,batch",
+    [("base", (2, 5, 8, 11), 0.1, 5e-5, 128), ("large", (5, 11, 17, 23), 0.4, 6e-5, 144)],
+)
+def test_official_recipe_configs(size, blocks, drop, lr, batch) -> None:
+    from eva02.engine.config import load_config
+    from eva02.model.detect import IMAGENET_MEAN
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "eva02_det" / f"eva02_{size}_mask_rcnn_coco_1024.py")
+    dc = detector_config(cfg)
+    assert cfg.train.task == "detect" and cfg.model.init == "pretrained" and "p16" in cfg.model.name
+    assert (dc.backbone.img_size, dc.backbone.patch_size, dc.backbone.window_size) == (1024, 16, 16)
+    assert dc.backbone.global_blocks == blocks and dc.backbone.drop_path == drop and dc.num_classes == 80
+    assert (cfg.optim.lr, cfg.optim.global_batch, cfg.train.max_steps, cfg.det.lsj_scale) == (
+        lr,
+        batch,
+        60000,
+        (0.1, 2.0),
+    )
+    assert dc.mean == IMAGENET_MEAN and cfg.model.patch_grad_scale == 1.0
+    assert cfg.schedule.epochs * 117266 // batch >= 60000  # max_steps ends the run, not the epochs

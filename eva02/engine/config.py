@@ -75,13 +75,13 @@ class ModelCfg(_Section):
 
 @dataclass(frozen=True)
 class DataCfg(_Section):
-    """Datasets (class folders, list files, tar shards or Hugging Face datasets) and the train/eval transforms."""
+    """Datasets (class folders, list files or tar shards) and the train/eval transforms."""
 
     # 'folder': class folders, or a list file when one is set or present (below); 'list': a list file, required;
-    # 'wds': WebDataset tar shards (`eva02 shard`); 'hf': a Hugging Face dataset (the `datasets` library)
+    # 'wds': WebDataset tar shards (`eva02 shard`)
     format: str = "folder"
     root: str = "data/imagenet"  # mmpretrain's layout: {root}/{split}/ images, {root}/meta/{split}.txt lists
-    train_split: str = "train"  # also the split name of 'hf' datasets, and {root}/{split} holds 'wds' shards
+    train_split: str = "train"  # {root}/{split} also holds 'wds' shards
     val_split: str = "val"  # '' for no validation
     train_list: str = ""  # 'relative/path label' lines; '' uses {root}/meta/{split}.txt if present, else folders
     val_list: str = ""
@@ -91,9 +91,6 @@ class DataCfg(_Section):
     train_shards: str = ""
     val_shards: str = ""
     shard_cache: str = ""  # 'wds': where shards named by URL or pipe: are fetched ('' = $EVA02_HOME/shards)
-    hf_name: str = ""  # 'hf': a save_to_disk folder, a local data folder (parquet, ...) or a hub dataset name
-    hf_image: str = "image"  # 'hf': the image column
-    hf_label: str = "label"  # 'hf': the label column (a ClassLabel names the classes); '' for none (MIM)
     batch_size: int = 16  # per device; global batch = batch_size x devices x accumulation
     eval_batch_size: int = 0  # 0: same as batch_size
     workers: int = 8
@@ -247,6 +244,8 @@ class DetCfg(_Section):
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     out_channels: int = 256  # pyramid maps and head convolutions
     roi_batch_per_image: int = 512  # proposals sampled per image to train the box and mask heads
+    rpn_pre_nms_top_n: tuple[int, ...] = (2000, 1000)  # RPN proposals per level before NMS (training, testing)
+    rpn_post_nms_top_n: tuple[int, ...] = (1000, 1000)  # RPN proposals per image after NMS (training, testing)
     score_thresh: float = 0.05  # test time: detections scored below are dropped
     nms_thresh: float = 0.5
     detections_per_img: int = 100

@@ -121,6 +121,7 @@ def detector_config(cfg: RunConfig) -> DetectorConfig:
         backbone, mc.num_classes, out_channels=d.out_channels, roi_batch_per_image=d.roi_batch_per_image,
         anchor_sizes=d.anchor_sizes, aspect_ratios=d.aspect_ratios, mean=cfg.data.mean, std=cfg.data.std,
         masks=d.masks, score_thresh=d.score_thresh, nms_thresh=d.nms_thresh, detections_per_img=d.detections_per_img,
+        rpn_pre_nms_top_n=d.rpn_pre_nms_top_n, rpn_post_nms_top_n=d.rpn_post_nms_top_n,
     )  # fmt: skip
 
 
