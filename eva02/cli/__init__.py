@@ -22,6 +22,7 @@ MODULES = (
     "features",
     "convert",
     "train",
+    "shard",
     "plot",
     "bench",
     "export",
@@ -29,6 +30,7 @@ MODULES = (
     "serve",
     "explain",
     "detect",
+    "segment",
     "clip",
     "retrieval",
 )

@@ -75,13 +75,13 @@ class ModelCfg(_Section):
 
 @dataclass(frozen=True)
 class DataCfg(_Section):
-    """Datasets (class folders, list files or tar shards) and the train/eval transforms."""
+    """Datasets (class folders, list files, tar shards or Hugging Face datasets) and the train/eval transforms."""
 
     # 'folder': class folders, or a list file when one is set or present (below); 'list': a list file, required;
-    # 'wds': WebDataset tar shards (`eva02 shard`)
+    # 'wds': WebDataset tar shards (`eva02 shard`); 'hf': a Hugging Face dataset (the `datasets` library)
     format: str = "folder"
     root: str = "data/imagenet"  # mmpretrain's layout: {root}/{split}/ images, {root}/meta/{split}.txt lists
-    train_split: str = "train"  # {root}/{split} also holds 'wds' shards
+    train_split: str = "train"  # also the split name of 'hf' datasets, and {root}/{split} holds 'wds' shards
     val_split: str = "val"  # '' for no validation
     train_list: str = ""  # 'relative/path label' lines; '' uses {root}/meta/{split}.txt if present, else folders
     val_list: str = ""
@@ -91,6 +91,9 @@ class DataCfg(_Section):
     train_shards: str = ""
     val_shards: str = ""
     shard_cache: str = ""  # 'wds': where shards named by URL or pipe: are fetched ('' = $EVA02_HOME/shards)
+    hf_name: str = ""  # 'hf': a save_to_disk folder, a local data folder (parquet, ...) or a hub dataset name
+    hf_image: str = "image"  # 'hf': the image column
+    hf_label: str = "label"  # 'hf': the label column (a ClassLabel names the classes); '' for none (MIM)
     batch_size: int = 16  # per device; global batch = batch_size x devices x accumulation
     eval_batch_size: int = 0  # 0: same as batch_size
     workers: int = 8

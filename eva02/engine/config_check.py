@@ -70,7 +70,7 @@ RULES: dict[str, Rule] = {
     **dict.fromkeys(("model.patch_size", "model.depth", "model.dim", "model.heads", "model.mlp_hidden"), NON_NEGATIVE),
     "model.drop_path": FRACTION,
     "model.patch_grad_scale": PROBABILITY,
-    "data.format": _one_of("folder", "list", "wds"),
+    "data.format": _one_of("folder", "list", "wds", "hf"),
     "data.batch_size": POSITIVE,
     "data.eval_batch_size": NON_NEGATIVE,
     "data.workers": NON_NEGATIVE,
@@ -117,7 +117,7 @@ RULES: dict[str, Rule] = {
     "train.dist_timeout_s": POSITIVE,
     "mim.teacher_kind": _one_of(*TEACHER_KINDS),
     "mim.teacher_name": (bool, "a non-empty name"),
-    "mim.teacher_amp": _one_of("bf16", "fp16", "none"),
+    "mim.teacher_amp": _one_of(*dtypes.DTYPES, *dtypes.ALIASES),
     "mim.target_dim": NON_NEGATIVE,
     "mim.num_masking": (lambda v: 1 <= v <= 256, "{type} in [1, 256] (patches of the 16x16 grid)"),
     "mim.min_num": POSITIVE,
@@ -187,8 +187,10 @@ CROSS_RULES: list[tuple[str, Callable[[RunConfig], bool], str]] = [
      "a value <= model.img_size={cfg.model.img_size} (the test window), or 0 for whole images"),
     ("data.batch_size", lambda c: c.train.task != "segment" or c.data.batch_size >= 2,
      "2 or more for train.task='segment' (the heads' BatchNorm needs two images per device)"),
+    ("data.hf_name", lambda c: c.data.format != "hf" or bool(c.data.hf_name),
+     "a save_to_disk folder, a data folder (parquet, ...) or a hub dataset name for data.format='hf'"),
     ("data.format", lambda c: c.data.format == "folder" or c.train.task in ("classify", "mim", "zero_shot"),
-     "'folder' for train.task={cfg.train.task!r} (shards feed classify, mim and zero_shot)"),
+     "'folder' for train.task={cfg.train.task!r} (shards and Hugging Face datasets feed classify, mim, zero_shot)"),
 ]  # fmt: skip
 
 
