@@ -111,6 +111,18 @@ def test_loss_is_mmsegs_mean_over_all_pixels() -> None:
     torch.testing.assert_close(pixel_cross_entropy(logits, target), per_pixel.sum() / target.numel())
 
 
+def test_a_batch_left_with_one_image_still_trains(tmp_path: Path) -> None:
+    """Unreadable images can leave one image in a batch: the heads' BatchNorm (pooled 1 x 1) needs two."""
+    from eva02.engine.tasks.segment import SegLoss
+
+    cfg = run_config(tmp_path)
+    model = SegmentTask().build_model(cfg).train()
+    batch = {"images": torch.randn(1, 3, 64, 64), "targets": torch.randint(0, 3, (1, 64, 64))}
+    loss = SegLoss(0.4)(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.decode_head.cls.conv_seg.weight.grad is not None
+
+
 def test_layer_decay_warning_names_the_gap(tmp_path: Path) -> None:
     from eva02.engine.optim import layer_id
 

@@ -155,8 +155,10 @@ class SegLoss(nn.Module):
         self.aux_weight = aux_weight
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        target = batch["targets"]
-        logits, aux = model(batch["images"], aux=True)
+        images, target = batch["images"], batch["targets"]
+        if images.shape[0] == 1:  # the rest of the batch was unreadable: BatchNorm needs two values per
+            images, target = images.repeat(2, 1, 1, 1), target.repeat(2, 1, 1)  # channel; the mean is the same
+        logits, aux = model(images, aux=True)
         loss = pixel_cross_entropy(logits, target)
         if aux is not None:
             loss = loss + self.aux_weight * pixel_cross_entropy(aux, target)
