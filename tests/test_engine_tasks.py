@@ -32,8 +32,8 @@ def test_every_task_follows_the_protocol(name: str) -> None:
 def test_train_task_picks_the_task() -> None:
     assert type(task_for(RunConfig())) is ClassificationTask
     assert type(task_for(override(RunConfig(), {"train.task": "mim"}))) is MimTask
-    with pytest.raises(ValueError, match="train.task='segment': expects one of 'classify', 'mim'"):
-        override(RunConfig(), {"train.task": "segment"})
+    with pytest.raises(ValueError, match="train.task='caption': expects one of 'classify', 'mim'"):
+        override(RunConfig(), {"train.task": "caption"})
 
 
 def test_classification_builds_set_no_state(tmp_path: Path) -> None:
