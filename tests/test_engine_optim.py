@@ -159,3 +159,16 @@ def test_fused_adamw_by_default_with_the_same_updates() -> None:
     moved = [(a - start[n]).abs().max().item() for n, a in models[0].state_dict().items()]
     assert max(moved) > 1e-3
     assert not fusable(torch.zeros(2, dtype=torch.long)) and not fusable(torch.zeros(2, device="meta"))
+
+
+def test_layer_ids_under_a_backbone_prefix() -> None:
+    """Segmentation, detection and MIM models keep their ViT under `backbone.`: the same layer ids."""
+    from eva02.engine.optim import layer_id
+
+    for prefix in ("", "backbone.", "module.backbone.", "backbone.vit."):
+        assert layer_id(prefix + "pos_embed", 12) == 0
+        assert layer_id(prefix + "patch_embed.proj.weight", 12) == 0
+        assert layer_id(prefix + "blocks.0.norm1.weight", 12) == 1
+        assert layer_id(prefix + "blocks.11.mlp.w3.bias", 12) == 12
+    assert layer_id("decode_head.fpn_bottleneck.conv.weight", 12) == 13
+    assert layer_id("backbone.fpn1.0.weight", 12) == 13

@@ -73,12 +73,13 @@ def evaluate_classifier(
 def format_table(metrics: dict[str, Any], classes: list[str] | None = None, per_class: bool = False) -> str:
     """A plain-text table of the results (and per-class accuracy when asked)."""
     lines = ["| metric | value |", "|---|---|"]
-    for key in ("top1", "top5", "loss", "count", "bad"):
-        if key in metrics:
-            v = metrics[key]
-            lines.append(f"| {key} | {v:.3f} |" if isinstance(v, float) else f"| {key} | {v} |")
+    for key, v in metrics.items():  # every task's scalars: top-1/top-5, mIoU/mAcc/aAcc, box and mask AP, ...
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        lines.append(f"| {key} | {v:.3f} |" if isinstance(v, float) else f"| {key} | {v} |")
     if per_class and metrics.get("per_class"):
-        lines += ["", "| class | top-1 |", "|---|---|"]
+        head = "IoU" if "mIoU" in metrics else "top-1"
+        lines += ["", f"| class | {head} |", "|---|---|"]
         for i, acc in enumerate(metrics["per_class"]):
             name = classes[i] if classes and i < len(classes) else str(i)
             lines.append(f"| {name} | {'n/a' if acc is None else f'{acc:.2f}'} |")

@@ -1,8 +1,8 @@
 """AdamW parameter groups with layer-wise lr decay (official `EVA-02/asuka/optim_factory.py` rules).
 
 Layer ids: 0 for cls_token / mask_token / pos_embed / patch_embed, k+1 for blocks.k, L+1 for the rest
-(fc_norm, head, norm); scale = layer_decay ** (L + 1 - id). No weight decay on 1-D parameters (biases,
-norms), pos_embed and cls_token.
+(fc_norm, head, norm, task heads), also under a prefix such as `backbone.`; scale = layer_decay ** (L + 1
+- id). No weight decay on 1-D parameters (biases, norms), pos_embed and cls_token.
 """
 
 from __future__ import annotations
@@ -23,12 +23,18 @@ def strip_wrappers(name: str) -> str:
 
 
 def layer_id(name: str, depth: int) -> int:
-    """Layer of a parameter name for lr decay: 0 embeddings, k+1 for blocks.k, depth+1 for the rest."""
-    name = strip_wrappers(name)
-    if name.startswith(EMBED_PREFIXES):
+    """Layer of a parameter name for lr decay: 0 embeddings, k+1 for blocks.k, depth+1 for the rest.
+
+    The backbone may sit under a prefix (`backbone.` in MIM, segmentation and detection models): its
+    embeddings and blocks are found wherever they are in the name, as the official det/seg code does."""
+    parts = strip_wrappers(name).split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "blocks" and parts[i + 1].isdigit():
+            return int(parts[i + 1]) + 1
+        if part in EMBED_PREFIXES or (i == len(parts) - 2 and parts[-1] in EMBED_PREFIXES):
+            return 0
+    if parts[-1] in EMBED_PREFIXES:  # a bare parameter: cls_token, pos_embed, mask_token
         return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
     return depth + 1
 
 
