@@ -137,7 +137,7 @@ def test_a_short_run_and_eva02_test_on_its_final_weights(tmp_path, capsys) -> No
     render_scenes(tmp_path, 6, size=112, seed=4)
     cfg = det_run(tmp_path, **{"train.grad_checkpointing": True})
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # no layer-decay or bad-data warning in this run
+        warnings.simplefilter("error", UserWarning)  # no warning about the data or the init in this run
         metrics = train(cfg, tmp_path / "run")
     assert metrics["global_step"] == 2 and {"bbox_AP", "segm_AP50", "count"} <= set(metrics)
     assert metrics["count"] == 6 and metrics["bad"] == 0
@@ -173,3 +173,16 @@ def test_official_recipe_configs(size, blocks, drop, lr, batch) -> None:
     )
     assert dc.mean == IMAGENET_MEAN and cfg.model.patch_grad_scale == 1.0
     assert cfg.schedule.epochs * 117266 // batch >= 60000  # max_steps ends the run, not the epochs
+
+
+def test_layer_decay_reaches_the_detectors_backbone(tmp_path) -> None:
+    """detectron2's get_vit_lr_decay_rate: embeddings at layer 0, block k at k + 1, pyramid and heads on top."""
+    from eva02.engine.optim import param_groups
+
+    model = build_detector(det_run(tmp_path))
+    scale = {n: g["lr_scale"] for g in param_groups(model, 0.05, 0.5, len(model.blocks)) for n in g["names"]}
+    assert scale["backbone.vit.pos_embed"] == scale["backbone.vit.patch_embed.proj.weight"] == 0.5**3
+    assert (
+        scale["backbone.vit.blocks.0.attn.qkv.weight"] == 0.5**2 and scale["backbone.vit.blocks.1.mlp.w3.weight"] == 0.5
+    )
+    assert scale["backbone.pyramid.stages.p2.0.weight"] == scale["roi_heads.box_predictor.cls_score.weight"] == 1.0

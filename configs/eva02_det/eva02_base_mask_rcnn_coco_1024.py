@@ -15,8 +15,6 @@ What differs here:
   steps at batch 128), not the step decay;
 - weight decay: the engine exempts 1-D parameters (norms, biases) and pos_embed, the official run decays
   norms as well (`weight_decay_norm=None`);
-- layer decay: the engine's layer ids (eva02/engine/optim.py) do not reach `backbone.vit.blocks.*` yet, so
-  until they do every parameter trains at optim.lr (the run warns);
 - torchvision's RoIAlign (no half-pixel offset) and smooth-L1 box losses.
 
 Data: COCO 2017 under data/coco: train2017/, val2017/, annotations/instances_{train,val}2017.json.

@@ -9,8 +9,8 @@ attention in blocks 5, 11, 17, 23, drop path 0.4; AdamW lr 6e-5, weight decay 0.
 50.8 mask AP on val2017.
 
 What differs here is as in eva02_base_mask_rcnn_coco_1024.py (Mask R-CNN heads, cosine schedule, no weight
-decay on norms, layer decay not yet reaching the backbone, torchvision's RoIAlign and losses); gradient
-checkpointing is on to fit 1024 px batches of the large model (docs/detection.md has the memory figures).
+decay on norms, torchvision's RoIAlign and losses); gradient checkpointing is on to fit 1024 px batches of
+the large model (docs/detection.md has the memory figures).
 
 Train: python tools/train.py configs/eva02_det/eva02_large_mask_rcnn_coco_1024.py  (torchrun --nproc_per_node=8 ...)
 Test:  python tools/test.py configs/eva02_det/eva02_large_mask_rcnn_coco_1024.py work_dirs/.../final.safetensors

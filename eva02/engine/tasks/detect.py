@@ -27,7 +27,6 @@ from eva02.data.datasets import EvalSampler, PaddedDataset
 from eva02.engine import checkpoint as ckpt
 from eva02.engine.coco_eval import evaluate_detector
 from eva02.engine.dist import DistInfo
-from eva02.engine.optim import layer_id
 from eva02.engine.tasks.base import model_config
 from eva02.model.config import VARIANTS, dense_config
 from eva02.model.vit import Eva02
@@ -223,13 +222,6 @@ class DetectionTask:
 
     def build_model(self, cfg: RunConfig, load_init: bool = True) -> nn.Module:
         model = build_detector(cfg)
-        if cfg.optim.layer_decay < 1 and layer_id("backbone.vit.blocks.0.attn.qkv.weight", len(model.blocks)) != 1:
-            warnings.warn(
-                f"optim.layer_decay={cfg.optim.layer_decay} does not reach the detector's backbone: the engine's "
-                "layer ids (eva02/engine/optim.py) read no 'backbone.vit.' prefix, so every parameter trains at "
-                "optim.lr",
-                stacklevel=2,
-            )
         if load_init and cfg.model.init:
             unused = init_backbone(cfg, model)
             if unused:
