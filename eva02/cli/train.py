@@ -173,7 +173,7 @@ def run_test(args) -> int:
     print(format_table(metrics, classes, args.per_class))
     if not args.per_class:
         metrics = {k: v for k, v in metrics.items() if k != "per_class"}
-    else:
+    elif "per_class" in metrics:  # (tasks without per-class figures, such as detection, have none)
         metrics["per_class"] = dict(zip(classes, metrics["per_class"], strict=True))
     atomic_write_text(out, json.dumps({"checkpoint": str(args.checkpoint), **metrics}, indent=2) + "\n")
     print(f"results: {out}")
