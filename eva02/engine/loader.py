@@ -30,6 +30,17 @@ def make_loader(ds: Dataset, sampler: Sampler, cfg: RunConfig, batch_size: int, 
     )
 
 
+def eval_loader(val: Dataset, cfg: RunConfig, batch_size: int, rank: int, world: int, collate: Callable) -> DataLoader:
+    """The loader of `eva02 test`: this process's share of the validation set (padded to equal shares,
+    the padding marked for the metrics to leave out), `batch_size` or the config's eval batch size."""
+    from eva02.data.datasets import EvalSampler, PaddedDataset
+
+    bs = batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
+    sampler = EvalSampler(len(val), rank, world)
+    return DataLoader(PaddedDataset(val), batch_size=bs, sampler=sampler, num_workers=cfg.data.workers,
+                      collate_fn=collate)  # fmt: skip
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The batch's tensors on `device` (asynchronous copies from pinned memory); other values as they are."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -10,14 +10,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from eva02 import hints
-from eva02.data.datasets import EvalSampler, PaddedDataset, collate
+from eva02.data.datasets import collate
 from eva02.engine import checkpoint as ckpt
 from eva02.engine.config import RunConfig, override
 from eva02.engine.dist import init_distributed
 from eva02.engine.evaluate import evaluate_classifier
+from eva02.engine.loader import eval_loader
 from eva02.engine.tasks import MimTask, ZeroShotTask, build_eva02
 from eva02.engine.tasks.classify import build_val_dataset
 from eva02.engine.tasks.detect import evaluate_checkpoint as evaluate_detection
@@ -64,11 +64,7 @@ def run_test(
         else:
             model = load_weights(cfg, checkpoint, use_ema).to(info.device)
     val = build_val_dataset(cfg)
-    sampler = EvalSampler(len(val), info.rank, info.world_size)
-    bs = batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
-    loader = DataLoader(
-        PaddedDataset(val), batch_size=bs, sampler=sampler, num_workers=cfg.data.workers, collate_fn=collate
-    )
+    loader = eval_loader(val, cfg, batch_size, info.rank, info.world_size, collate)
     return evaluate_classifier(model, loader, info.device, cfg.model.num_classes, amp, len(val)), val.classes
 
 

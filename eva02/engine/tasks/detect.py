@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from eva02.data.datasets import EvalSampler, PaddedDataset
 from eva02.engine import checkpoint as ckpt
 from eva02.engine.coco_eval import evaluate_detector
 from eva02.engine.dist import DistInfo
+from eva02.engine.loader import eval_loader
 from eva02.engine.tasks.base import model_config
 from eva02.model.config import VARIANTS, dense_config
 from eva02.model.vit import Eva02
@@ -271,8 +271,6 @@ def evaluate_checkpoint(
 
     model = load_detector(cfg, checkpoint, use_ema).to(info.device)
     val = build_val_dataset(cfg)
-    bs = batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
-    loader = DataLoader(PaddedDataset(val), batch_size=bs, sampler=EvalSampler(len(val), info.rank, info.world_size),
-                        num_workers=cfg.data.workers, collate_fn=collate)  # fmt: skip
+    loader = eval_loader(val, cfg, batch_size, info.rank, info.world_size, collate)
     metrics, _ = evaluate_detector(model, loader, info.device, amp, cfg.det.masks)
     return metrics, val.classes

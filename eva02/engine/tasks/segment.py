@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from eva02.data.datasets import EvalSampler, PaddedDataset
 from eva02.data.segmentation import (
     ADE20K_CLASSES,
     IGNORE,
@@ -35,6 +34,7 @@ from eva02.data.segmentation import (
 )
 from eva02.engine import checkpoint as ckpt
 from eva02.engine.dist import DistInfo
+from eva02.engine.loader import eval_loader
 from eva02.engine.optim import layer_id
 from eva02.engine.seg_eval import evaluate_segmentor
 from eva02.engine.tasks.base import model_config
@@ -219,10 +219,7 @@ def evaluate_checkpoint(
     """`eva02 test` of a segmentation run: mIoU / mAcc / aAcc of a checkpoint on data.val_split."""
     model = load_segmentor(cfg, checkpoint, use_ema).to(info.device)
     val = val_dataset(cfg)
-    sampler = EvalSampler(len(val), info.rank, info.world_size)
-    bs = batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
-    loader = DataLoader(PaddedDataset(val), batch_size=bs, sampler=sampler, num_workers=cfg.data.workers,
-                        collate_fn=collate_seg)  # fmt: skip
+    loader = eval_loader(val, cfg, batch_size, info.rank, info.world_size, collate_seg)
     s = cfg.seg
     metrics = evaluate_segmentor(model, loader, info.device, cfg.model.num_classes, amp, len(val),
                                  cfg.model.img_size, s.stride, s.test_scales, s.test_flip)  # fmt: skip
