@@ -184,3 +184,19 @@ def test_load_checkpoint_accepts_a_state_dict() -> None:
     src = random_model(small_cfg("small", 0, depth=1))
     dst = load_checkpoint(Eva02(src.cfg).eval(), official_state(src, mim=True), fmt="official")
     assert torch.equal(outputs(dst), outputs(src))
+
+
+@pytest.mark.parametrize("task,command", [({"task": "detect"}, "eva02 detect"), ({}, "eva02 segment")])
+def test_task_model_files_name_their_command(tmp_path, task, command) -> None:
+    """A detector's or segmentor's final weights are not a classifier: the error names the command that reads them."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from eva02.weights.load import get_model
+
+    path = tmp_path / "final.safetensors"
+    cfg = {**task, "backbone": {"dim": 128}, "num_classes": 3}
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"format": "eva02", "config": json.dumps(cfg)})
+    with pytest.raises(ValueError, match=command):
+        get_model(None, pretrained=path)

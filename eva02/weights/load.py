@@ -89,9 +89,26 @@ def config_mismatch(cfg: Eva02Config, shapes: dict[str, tuple[int, ...]]) -> str
     return f"the file holds tensors the config has no place for: {extra[:4]}" if extra else None
 
 
+def _task_model(path: PathLike, stored: object) -> None:
+    """Refuse, naming the command that reads it, a file of a whole task model (a detector or segmentor
+    saved by the engine, whose stored config holds its backbone's)."""
+    if not isinstance(stored, dict) or "backbone" not in stored:
+        return
+    what, cmd = ("a detector", "eva02 detect") if stored.get("task") == "detect" else ("a segmentor", "eva02 segment")
+    raise ValueError(
+        f"{path} holds {what}, not a classifier or backbone: use `{cmd} IMAGES --config CONFIG --checkpoint "
+        f"{path}` or `tools/test.py CONFIG {path}`"
+    )
+
+
 def _stored_config(path: PathLike, meta: dict[str, str]) -> Eva02Config:
     try:
-        cfg = Eva02Config.from_dict(json.loads(meta["config"]))
+        stored = json.loads(meta["config"])
+    except ValueError as e:
+        raise ValueError(f"{path}: its stored config is invalid ({e}); the file is damaged or was altered") from None
+    _task_model(path, stored)
+    try:
+        cfg = Eva02Config.from_dict(stored)
     except (ValueError, TypeError, AttributeError) as e:  # bad JSON, unknown or mistyped fields
         raise ValueError(f"{path}: its stored config is invalid ({e}); the file is damaged or was altered") from None
     with safe_open(str(path), framework="pt") as f:  # the header only: no tensor data is read
