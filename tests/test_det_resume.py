@@ -1,0 +1,32 @@
+"""Exact resume of a detection run: resumed from a mid-run checkpoint, the detector ends with the weights
+of the uninterrupted run (large-scale jitter, RPN and ROI sampling included)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("pycocotools")
+from safetensors.torch import load_file  # noqa: E402
+from test_det_learning import scenes_run  # noqa: E402
+
+from eva02.cli import main  # noqa: E402
+
+
+def test_resume_from_a_mid_run_checkpoint_matches(tmp_path: Path) -> None:
+    config = scenes_run(tmp_path / "scenes", 8, 2, **{"checkpoint.every_steps": 1, "checkpoint.keep_last": 10,
+                                                     "model.depth": 2, "det.global_blocks": (1,)})  # fmt: skip
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert main(["train", str(config), "--work-dir", str(full)]) == 0
+    mid = full / "checkpoints" / "step_00000003.pt"  # mid second epoch (2 steps per epoch)
+    assert mid.is_file(), sorted(p.name for p in (full / "checkpoints").iterdir())
+    assert main(["train", str(config), "--work-dir", str(resumed), "--resume", str(mid)]) == 0
+    steps = [json.loads(line).get("step") for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert min(s for s in steps if s is not None) == 4  # it went on from step 3, it did not start again
+    a, b = load_file(full / "final.safetensors"), load_file(resumed / "final.safetensors")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
