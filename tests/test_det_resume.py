@@ -30,3 +30,14 @@ def test_resume_from_a_mid_run_checkpoint_matches(tmp_path: Path) -> None:
     assert sorted(a) == sorted(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_bf16_autocast_trains_and_evaluates(tmp_path: Path) -> None:
+    """AMP on the detector (bf16 autocast, here on the CPU): the steps and the COCO evaluation run."""
+    config = scenes_run(tmp_path / "scenes", 8, 1, **{"model.depth": 2, "det.global_blocks": (1,),
+                                                     "train.amp": "bf16", "train.eval_every_epochs": 1})  # fmt: skip
+    assert main(["train", str(config), "--work-dir", str(tmp_path / "run")]) == 0
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if r.get("kind") == "train"]
+    assert len(losses) == 2 and all(v == v for v in losses)
+    assert any(r.get("kind") == "eval" and "bbox_AP50" in r for r in recs)
