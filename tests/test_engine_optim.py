@@ -11,7 +11,7 @@ import torch
 
 from eva02.engine.ema import ModelEma
 from eva02.engine.optim import build_optimizer, layer_id
-from eva02.engine.schedule import CosineSchedule, cosine_lr
+from eva02.engine.schedule import LrSchedule, cosine_lr
 from eva02.model import VARIANTS, Eva02
 
 
@@ -75,14 +75,14 @@ def test_schedule_matches_official_table(warmup: int, min_lr: float, start: floa
 def test_schedule_drives_every_group_and_resumes() -> None:
     model = _model(2)
     opt = build_optimizer(model, 1e-3, 0.05, 0.5, 2)
-    sched = CosineSchedule(opt, 1e-3, total_steps=20, warmup_steps=5)
+    sched = LrSchedule(opt, 1e-3, total_steps=20, warmup_steps=5)
     for _ in range(7):
         sched.step()
     lr = cosine_lr(7, 1e-3, 20, 5)
     assert lr == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 15)))
     for g in opt.param_groups:
         assert g["lr"] == pytest.approx(lr * g["lr_scale"])
-    other = CosineSchedule(build_optimizer(model, 1e-3, 0.05, 0.5, 2), 1e-3, 20, 5)
+    other = LrSchedule(build_optimizer(model, 1e-3, 0.05, 0.5, 2), 1e-3, 20, 5)
     other.load_state_dict(sched.state_dict())
     assert other.lr() == pytest.approx(lr)
 
@@ -172,3 +172,25 @@ def test_layer_ids_under_a_backbone_prefix() -> None:
         assert layer_id(prefix + "blocks.11.mlp.w3.bias", 12) == 12
     assert layer_id("decode_head.fpn_bottleneck.conv.weight", 12) == 13
     assert layer_id("backbone.fpn1.0.weight", 12) == 13
+
+
+def test_poly_schedule_equals_torch_polynomial_lr() -> None:
+    """After the warmup, kind='poly' is torch's PolynomialLR over the remaining steps (power 1 and 0.9)."""
+    from eva02.engine.schedule import poly_lr
+
+    for power in (1.0, 0.9):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=6e-5)
+        ref = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=40, power=power)
+        want = []
+        for _ in range(40):
+            want.append(opt.param_groups[0]["lr"])
+            opt.step()
+            ref.step()
+        got = [poly_lr(10 + j, 6e-5, 50, 10, power=power) for j in range(40)]
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-15)
+    assert poly_lr(0, 1.0, 50, 10, warmup_lr=0.1) == pytest.approx(0.1)  # the shared linear warmup
+    sched = LrSchedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 1.0, 20, 0, kind="poly")
+    assert sched.lr(10) == pytest.approx(0.5) and sched.lr(20) == 0.0
+    with pytest.raises(ValueError, match="schedule kind"):
+        LrSchedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 1.0, 20, 0, kind="step")

@@ -6,8 +6,7 @@ official seg layout (class token kept, global attention), outputs of blocks 3, 5
 0.15; UperNet 768 wide, FCN auxiliary head 256 wide (loss weight 0.4). Data: ADEChallengeData2016 under
 data/ade/ (images/{training,validation}/*.jpg, annotations/.../*.png), ImageNet mean / std.
 AdamW lr 6e-5, layer decay 0.85, wd 0.05, global batch 32 (official 4 GPUs x 8), 60k iterations with
-a 1500-iteration linear warmup. The official lr decays linearly (poly, power 1) to 0; the engine's
-schedule is a cosine to 0 over the same 60k steps (see docs/dense.md). Test: sliding 512 windows,
+a 1500-iteration linear warmup, then a linear decay to 0 (poly, power 1) as the official run. Test: sliding 512 windows,
 stride 341, images resized within (2048, 512); multi-scale + flip with
 --set seg.test_scales=0.5,0.75,1.0,1.25,1.5,1.75 seg.test_flip=true.
 
@@ -43,7 +42,9 @@ config = RunConfig(
         hflip=0.5,
     ),
     optim=OptimCfg(lr=6e-5, layer_decay=0.85, weight_decay=0.05, betas=(0.9, 0.999), global_batch=GLOBAL_BATCH),
-    schedule=ScheduleCfg(epochs=-(-ITERS // STEPS_PER_EPOCH), warmup_epochs=WARMUP / STEPS_PER_EPOCH, min_lr=0.0),
+    schedule=ScheduleCfg(
+        epochs=-(-ITERS // STEPS_PER_EPOCH), warmup_epochs=WARMUP / STEPS_PER_EPOCH, min_lr=0.0, kind="poly", power=1.0
+    ),
     checkpoint=CheckpointCfg(every_epochs=2, keep_last=2),
     train=TrainCfg(task="segment", amp="bf16", max_steps=ITERS, eval_every_epochs=2, log_every=50),
     seg=SegCfg(

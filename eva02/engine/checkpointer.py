@@ -17,7 +17,7 @@ from torch import nn
 from eva02.engine import checkpoint as ckpt
 from eva02.engine.dist import DistInfo, all_reduce_sum, broadcast_object
 from eva02.engine.ema import ModelEma
-from eva02.engine.schedule import CosineSchedule
+from eva02.engine.schedule import LrSchedule
 from eva02.engine.workdir import check_resumable
 from eva02.fileio import describe_os_error
 
@@ -45,7 +45,7 @@ class Checkpointer:
         task: Task,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        schedule: CosineSchedule,
+        schedule: LrSchedule,
         scaler: torch.amp.GradScaler,
         ema: ModelEma | None,
         global_batch: int,

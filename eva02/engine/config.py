@@ -133,12 +133,15 @@ class OptimCfg(_Section):
 
 @dataclass(frozen=True)
 class ScheduleCfg(_Section):
-    """Per-step cosine from lr to min_lr after a linear warmup from warmup_lr."""
+    """Per-step decay from lr to min_lr after a linear warmup from warmup_lr: a half-cosine (the official
+    EVA-02 recipes) or a polynomial (`kind='poly'`, power 1 a straight line: the official seg runs)."""
 
     epochs: int = 100
     warmup_epochs: float = 5.0
     min_lr: float = 0.0
     warmup_lr: float = 0.0
+    kind: str = "cosine"  # 'cosine' or 'poly'
+    power: float = 1.0  # the polynomial's exponent (kind 'poly')
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,8 @@ RULES: dict[str, Rule] = {
     "schedule.warmup_epochs": NON_NEGATIVE,
     "schedule.min_lr": NON_NEGATIVE,
     "schedule.warmup_lr": NON_NEGATIVE,
+    "schedule.kind": _one_of("cosine", "poly"),
+    "schedule.power": POSITIVE,
     "ema.decay": FRACTION,
     "checkpoint.every_epochs": NON_NEGATIVE,
     "checkpoint.every_steps": NON_NEGATIVE,

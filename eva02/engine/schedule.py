@@ -1,4 +1,5 @@
-"""Per-step learning-rate schedule: linear warmup then half-cosine (official `utils.cosine_scheduler`)."""
+"""Per-step learning-rate schedules: linear warmup, then a half-cosine (official EVA-02
+`utils.cosine_scheduler`) or a polynomial decay (mmsegmentation's `PolyLR`, the official EVA-02 seg runs)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,32 @@ def cosine_lr(
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * j / n))
 
 
-class CosineSchedule:
-    """Sets every param group's lr to cosine_lr(step) x group['lr_scale']; its state is the step only."""
+def poly_lr(
+    step: int,
+    base_lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    min_lr: float = 0.0,
+    warmup_lr: float = 0.0,
+    power: float = 1.0,
+) -> float:
+    """lr at optimizer step `step` (0-based): the warmup of `cosine_lr`, then min_lr + (base_lr - min_lr) *
+    (1 - j / n) ** power, j counted after warmup and n = total_steps - warmup (power 1: a straight line)."""
+    if step < warmup_steps:
+        return cosine_lr(step, base_lr, total_steps, warmup_steps, min_lr, warmup_lr)
+    n = max(1, total_steps - warmup_steps)
+    j = min(step - warmup_steps, n)
+    return min_lr + (base_lr - min_lr) * (1.0 - j / n) ** power
+
+
+SCHEDULES = ("cosine", "poly")
+
+
+class LrSchedule:
+    """Sets every param group's lr to the schedule's lr(step) x group['lr_scale']; its state is the step only.
+
+    `kind` 'cosine' (`cosine_lr`) or 'poly' (`poly_lr` with `power`).
+    """
 
     def __init__(
         self,
@@ -35,7 +60,12 @@ class CosineSchedule:
         warmup_steps: int,
         min_lr: float = 0.0,
         warmup_lr: float = 0.0,
+        kind: str = "cosine",
+        power: float = 1.0,
     ) -> None:
+        if kind not in SCHEDULES:
+            raise ValueError(f"schedule kind must be one of {SCHEDULES}, got {kind!r}")
+        self.kind, self.power = kind, power
         if total_steps <= 0:
             raise ValueError(
                 f"the schedule needs at least one step, got total_steps={total_steps}; "
@@ -49,7 +79,8 @@ class CosineSchedule:
 
     def lr(self, step: int | None = None) -> float:
         step = self.step_num if step is None else step
-        return cosine_lr(step, self.base_lr, self.total_steps, self.warmup_steps, self.min_lr, self.warmup_lr)
+        args = (step, self.base_lr, self.total_steps, self.warmup_steps, self.min_lr, self.warmup_lr)
+        return poly_lr(*args, self.power) if self.kind == "poly" else cosine_lr(*args)
 
     def apply(self) -> float:
         lr = self.lr()

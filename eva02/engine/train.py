@@ -28,7 +28,7 @@ from eva02.engine.loader import make_loader, step_seed, to_device
 from eva02.engine.optim import build_optimizer
 from eva02.engine.parallel import no_grad_sync, parallelize, unwrap
 from eva02.engine.runlog import Progress, RunLog
-from eva02.engine.schedule import CosineSchedule
+from eva02.engine.schedule import LrSchedule
 from eva02.engine.tasks import Task, task_for
 from eva02.engine.workdir import claim_work_dir
 from eva02.fileio import DirLock
@@ -119,7 +119,9 @@ class Trainer:
         depth = len(unwrap(self.model).blocks)
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, o.layer_decay, depth, o.betas, o.eps)
         warmup = round(s.warmup_epochs * self.steps_per_epoch)
-        self.schedule = CosineSchedule(self.optimizer, o.lr, self.total_steps, warmup, s.min_lr, s.warmup_lr)
+        self.schedule = LrSchedule(
+            self.optimizer, o.lr, self.total_steps, warmup, s.min_lr, s.warmup_lr, kind=s.kind, power=s.power
+        )
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp == torch.float16)
         self.checkpointer = Checkpointer(cfg, self.work_dir, info, self.task, self.model, self.optimizer,
                                          self.schedule, self.scaler, self.ema, self.global_batch)  # fmt: skip
