@@ -32,7 +32,7 @@ from eva02.model.config import VARIANTS, dense_config
 from eva02.model.vit import Eva02
 from eva02.weights.convert import fit_to_config, to_ours
 from eva02.weights.files import check_finite, read_checkpoint
-from eva02.weights.load import config_of, get_model
+from eva02.weights.load import config_of, get_model, state_mismatch
 
 if TYPE_CHECKING:  # torchvision's detection models load when a run builds its model, not with the config
     from eva02.data.coco import CocoDetection
@@ -95,15 +95,9 @@ def from_detectron2(sd: StateDict, cfg: DetectorConfig) -> tuple[StateDict, list
 def load_backbone(model: Eva02MaskRCNN, sd: StateDict, where: str) -> None:
     """Load backbone weights (`backbone.*` keys, every one of them) into the detector; heads stay as they are."""
     want = {k: v.shape for k, v in model.state_dict().items() if k.startswith("backbone.")}
-    missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    shapes = [k for k in want if k in sd and sd[k].shape != want[k]]
-    if missing or extra or shapes:
-        if shapes:
-            k = shapes[0]
-            detail = f"{k} is {tuple(sd[k].shape)}, the model's {tuple(want[k])}"
-        else:
-            detail = f"missing {missing[:4]}" if missing else f"unexpected {extra[:4]}"
-        raise ValueError(f"{where} does not fit the detector's backbone: {detail}; check model.name and its options")
+    found = state_mismatch(want, sd)
+    if found is not None:
+        raise ValueError(f"{where} does not fit the detector's backbone: {found[0]}; check model.name and its options")
     model.load_state_dict(sd, strict=False)
 
 

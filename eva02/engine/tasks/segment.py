@@ -42,7 +42,7 @@ from eva02.model.config import VARIANTS, Eva02Config, dense_config
 from eva02.model.seg import Segmentor, SegmentorConfig
 from eva02.weights.convert import fit_to_config
 from eva02.weights.files import check_finite, read_checkpoint, read_metadata
-from eva02.weights.load import get_model
+from eva02.weights.load import get_model, state_mismatch
 
 if TYPE_CHECKING:
     from eva02.engine.config import RunConfig
@@ -101,17 +101,9 @@ def load_segmentor(cfg: RunConfig, checkpoint: str, use_ema: bool | None = None)
 
 def load_strict(model: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
     """load_state_dict(strict) with a one-line error naming the first tensor that does not fit."""
-    want = model.state_dict()
-    missing = [k for k in want if k not in weights]
-    extra = [k for k in weights if k not in want]
-    shapes = [k for k in want if k in weights and weights[k].shape != want[k].shape]
-    if missing or extra or shapes:
-        if shapes:
-            k = shapes[0]
-            detail = f"{k} is {tuple(weights[k].shape)} there but {tuple(want[k].shape)} in the model"
-        else:
-            detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise ValueError(f"{where} does not fit the segmentor of this config ({detail}); use the run's config")
+    found = state_mismatch(model.state_dict(), weights)
+    if found is not None:
+        raise ValueError(f"{where} does not fit the segmentor of this config ({found[0]}); use the run's config")
     model.load_state_dict(weights, strict=True)
 
 
