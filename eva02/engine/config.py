@@ -164,6 +164,9 @@ class TrainCfg(_Section):
 
     amp: str = "fp32"  # 'fp32' | 'bf16' | 'fp16' autocast (fp16 uses dynamic loss scaling); 'none' reads as 'fp32'
     parallel: str = "ddp"  # 'ddp' | 'fsdp' (FSDP2 fully_shard per block; for the large models)
+    # BatchNorm layers (the segmentation heads') become SyncBatchNorm under DDP on CUDA, as the official
+    # seg runs' SyncBN; a CPU (gloo) or FSDP2 run keeps per-process BatchNorm and says so once
+    sync_bn: bool = True
     grad_checkpointing: bool = False
     compile: bool = False
     seed: int = 0

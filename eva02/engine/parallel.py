@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -38,6 +39,39 @@ def apply_fsdp(model: nn.Module, mp_dtype: torch.dtype | None = None) -> nn.Modu
     return model
 
 
+def count_batchnorms(model: nn.Module) -> int:
+    """BatchNorm layers of any kind (1-3-d, sync) in `model`."""
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def sync_batchnorm(
+    model: nn.Module, info: DistInfo, mode: str = "ddp", log: Callable[[str], None] | None = None
+) -> nn.Module:
+    """`model` with its BatchNorm layers made SyncBatchNorm (batch statistics over all processes, as the
+    official segmentation heads' SyncBN) when the run is DDP on CUDA; otherwise `model` unchanged.
+
+    The layers keep their weights and running statistics (the module objects are replaced, the tensors
+    carried over). SyncBatchNorm only runs on GPUs: a CPU (gloo) run keeps per-process BatchNorm, and
+    FSDP2 runs do too (the conversion is only for DDP); either says so once through `log`. A model
+    without BatchNorm, or a single process, is left alone without a word.
+    """
+    count = count_batchnorms(model)
+    if not count or not info.distributed:
+        return model
+    if info.device.type != "cuda":
+        reason = f"SyncBatchNorm runs on GPUs only, this run is on {info.device.type}"
+    elif mode != "ddp":
+        reason = f"the conversion is made for DDP, not train.parallel={mode!r}"
+    else:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if log is not None:
+            log(f"train.sync_bn: {count} BatchNorm layers synchronised over {info.world_size} processes")
+        return model
+    if log is not None:
+        log(f"train.sync_bn: {count} BatchNorm layers keep per-process statistics ({reason})")
+    return model
+
+
 def parallelize(
     model: nn.Module,
     info: DistInfo,
@@ -45,11 +79,17 @@ def parallelize(
     grad_checkpointing: bool = False,
     compile: bool = False,
     mp_dtype: torch.dtype | None = None,
+    sync_bn: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """Return the module to train with: DDP- or FSDP2-wrapped when distributed, checkpointed, compiled.
 
-    `unwrap` gives back the Eva02 module (for FSDP2 it is the same object, sharded in place).
+    `sync_bn`: BatchNorm layers become SyncBatchNorm under DDP on CUDA (`sync_batchnorm`; `log` gets
+    one line when the model has any). `unwrap` gives back the model (for FSDP2 it is the same object,
+    sharded in place).
     """
+    if sync_bn:  # before the wrapper, which must see the final modules
+        model = sync_batchnorm(model, info, mode, log)
     model.to(info.device)
     # Our checkpointing is a per-block flag inside the model, so it composes with either wrapper; one
     # process with mode 'fsdp' trains the plain module (sharding over one rank only adds overhead).
