@@ -113,7 +113,9 @@ class Trainer:
         model = self.task.build_model(cfg)
         self.loss_fn = self.task.build_loss(cfg).to(info.device)
         fsdp_mp = self.amp if t.parallel == "fsdp" else None
-        self.model = parallelize(model, info, t.parallel, t.grad_checkpointing, t.compile, fsdp_mp)
+        self.model = parallelize(
+            model, info, t.parallel, t.grad_checkpointing, t.compile, fsdp_mp, sync_bn=t.sync_bn, log=self.log.info
+        )
         self.ema = ModelEma(self.model, cfg.ema.decay) if cfg.ema.enabled else None
         o, s = cfg.optim, cfg.schedule
         depth = len(unwrap(self.model).blocks)
