@@ -91,6 +91,10 @@ class DataCfg(_Section):
     train_shards: str = ""
     val_shards: str = ""
     shard_cache: str = ""  # 'wds': where shards named by URL or pipe: are fetched ('' = $EVA02_HOME/shards)
+    # 'wds': stream the train shards (paths, URLs, pipe: commands) instead of indexing them (URLs: no local
+    # copy); order from (seed, epoch), exact resume with the same processes and workers (docs/data.md)
+    streaming: bool = False
+    shuffle_buffer: int = 1000  # streaming: samples held to shuffle within a shard (0 or 1: stored order)
     hf_name: str = ""  # 'hf': a save_to_disk folder, a local data folder (parquet, ...) or a hub dataset name
     hf_image: str = "image"  # 'hf': the image column
     hf_label: str = "label"  # 'hf': the label column (a ClassLabel names the classes); '' for none (MIM)

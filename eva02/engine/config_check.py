@@ -91,6 +91,7 @@ RULES: dict[str, Rule] = {
     "data.mix_switch_prob": PROBABILITY,
     "data.smoothing": FRACTION,
     "data.max_bad_fraction": FRACTION,
+    "data.shuffle_buffer": NON_NEGATIVE,
     "optim.lr": POSITIVE,
     "optim.layer_decay": (lambda v: 0 < v <= 1, "{type} in (0, 1]"),
     "optim.weight_decay": NON_NEGATIVE,
@@ -193,6 +194,8 @@ CROSS_RULES: list[tuple[str, Callable[[RunConfig], bool], str]] = [
      "a save_to_disk folder, a data folder (parquet, ...) or a hub dataset name for data.format='hf'"),
     ("data.format", lambda c: c.data.format == "folder" or c.train.task in ("classify", "mim", "zero_shot"),
      "'folder' for train.task={cfg.train.task!r} (shards and Hugging Face datasets feed classify, mim, zero_shot)"),
+    ("data.streaming", lambda c: not c.data.streaming or c.data.format == "wds",
+     "False for data.format={cfg.data.format!r} (only tar shards stream: data.format='wds')"),
 ]  # fmt: skip
 
 
