@@ -5,7 +5,9 @@ Reading goes through `wids` (webdataset's indexed reader: a tar's members indexe
 offset), so sample `i` of the dataset is a fixed (shard, offset) and the engine's samplers apply as to
 image folders: order and augmentation from (seed, epoch, index), exact resume with any number of
 processes. Shards named by URL or `pipe:` command (anything `webdataset.gopen` opens) are fetched whole
-into a local cache first, which keeps that guarantee; streaming them is not offered by the loop.
+into a local cache first, which keeps that guarantee. With `stream` the shards are read front to back
+instead, without a local copy (`shard_stream.py`: order from (seed, epoch), exact resume with the same
+number of processes and workers).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -29,6 +31,9 @@ from eva02.data.datasets import RecordDataset, read_names
 from eva02.data.images import ImageError, decode_image
 from eva02.extras import need
 from eva02.fileio import check_writable_dir, temp_path
+
+if TYPE_CHECKING:
+    from eva02.data.shard_stream import ShardStream
 
 MANIFEST = "manifest.json"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
@@ -133,6 +138,9 @@ class ShardDataset(RecordDataset):
         s = bisect.bisect_right(self.ends, index) - 1
         return self._tar(s)[index - self.ends[s]]
 
+    def first_sample(self) -> dict[str, Any]:
+        return self.sample(0)
+
     def name(self, index: int) -> str:
         s = bisect.bisect_right(self.ends, index) - 1
         return f"{self.shards[s].name}#{index - self.ends[s]}"
@@ -222,12 +230,43 @@ def _read_spec(spec: str) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, A
     return [(u, {}) for u in urls], None
 
 
-def shard_dataset(spec: str, transform: Callable, cache_dir: str = "", names_file: str = "") -> ShardDataset:
+def shard_dataset(
+    spec: str,
+    transform: Callable,
+    cache_dir: str = "",
+    names_file: str = "",
+    stream: bool = False,
+    shuffle_buffer: int = 1000,
+) -> ShardDataset | ShardStream:
     """The dataset of shard `spec`: a folder with manifest.json, a manifest (path or URL), or a brace
-    pattern of tars (paths, URLs, `pipe:` commands). URLs are fetched into `cache_dir` first."""
+    pattern of tars (paths, URLs, `pipe:` commands). URLs are fetched into `cache_dir` first; with `stream`,
+    nothing is fetched or indexed: a `shard_stream.ShardStream` reads the shards in order (through a
+    shuffle buffer of `shuffle_buffer` samples), counted once where no manifest gives their sizes."""
+    entries, manifest = _read_spec(spec)
+    if stream:
+        from eva02.data.shard_stream import stream_dataset
+
+        ds = stream_dataset(entries, transform, shuffle_buffer)
+    else:
+        ds = _indexed(entries, transform, cache_dir)
+    if manifest is not None and "classes" in manifest:
+        ds.classes, ds.labelled = list(manifest["classes"]), bool(manifest["classes"])
+    elif len(ds):
+        ds.labelled = sample_label(ds.first_sample()) is not None
+        ds.classes = [f"class_{i}" for i in range(max(ds.labels()) + 1)] if ds.labelled else []
+    if names_file:
+        names = read_names(names_file)
+        if ds.classes and len(names) != len(ds.classes):
+            raise ValueError(f"{names_file!r} has {len(names)} names but the shards {spec!r} have {len(ds.classes)}")
+        ds.classes = names
+    if not ds.labelled:
+        ds.classes = ["image"]
+    return ds
+
+
+def _indexed(entries: list[tuple[str, dict[str, Any]]], transform: Callable, cache_dir: str) -> ShardDataset:
     IndexedTarSamples = need("wids.wids", "data", "data.format='wds'").IndexedTarSamples
 
-    entries, manifest = _read_spec(spec)
     cache = Path(cache_dir) if cache_dir else _default_cache()
     shards = []
     for url, e in entries:
@@ -242,20 +281,7 @@ def shard_dataset(spec: str, transform: Callable, cache_dir: str = "", names_fil
             if e and n != e["nsamples"]:
                 raise ValueError(f"shard {url} holds {n} samples, its manifest says {e['nsamples']}; rewrite it")
         shards.append(Shard(url, str(path), n, e.get("class_counts")))
-    ds = ShardDataset(shards, [], transform, labelled=False)
-    if manifest is not None and "classes" in manifest:
-        ds.classes, ds.labelled = list(manifest["classes"]), bool(manifest["classes"])
-    elif len(ds):
-        ds.labelled = sample_label(ds.sample(0)) is not None
-        ds.classes = [f"class_{i}" for i in range(max(ds.labels()) + 1)] if ds.labelled else []
-    if names_file:
-        names = read_names(names_file)
-        if ds.classes and len(names) != len(ds.classes):
-            raise ValueError(f"{names_file!r} has {len(names)} names but the shards {spec!r} have {len(ds.classes)}")
-        ds.classes = names
-    if not ds.labelled:
-        ds.classes = ["image"]
-    return ds
+    return ShardDataset(shards, [], transform, labelled=False)
 
 
 def _default_cache() -> Path:

@@ -1,5 +1,6 @@
-"""Feeding the loop: the DataLoaders of a run, batches moved to the device, and the per-step seeds that
-make everything random in a step depend only on (seed, rank, step, micro-batch)."""
+"""Feeding the loop: what deals out the train epochs (a sampler, or a stream of shards that deals them out
+itself), the DataLoaders of a run, batches moved to the device, and the per-step seeds that make everything
+random in a step depend only on (seed, rank, step, micro-batch)."""
 
 from __future__ import annotations
 
@@ -7,25 +8,38 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from eva02.data.datasets import TrainSampler
 from eva02.data.train_transforms import seed_worker
 
 if TYPE_CHECKING:
     from eva02.engine.config import RunConfig
 
 
-def make_loader(ds: Dataset, sampler: Sampler, cfg: RunConfig, batch_size: int, collate: Callable) -> DataLoader:
-    """A DataLoader over `sampler` with the run's worker settings."""
+def train_sampler(ds: Dataset, global_batch: int, batch_size: int, rank: int, world: int, seed: int) -> Any:
+    """What deals out the train epochs to this process: a TrainSampler over the dataset's indexes, or, for a
+    stream (`eva02.data.shard_stream.ShardStream`), the stream itself, planned for this process. Both have
+    `steps_per_epoch()` and `set_epoch(epoch, start_step)`."""
+    if isinstance(ds, IterableDataset):
+        return ds.plan(global_batch, batch_size, rank, world, seed)
+    return TrainSampler(len(ds), global_batch, rank, world, seed)
+
+
+def make_loader(ds: Dataset, sampler: Sampler | None, cfg: RunConfig, batch_size: int, collate: Callable) -> DataLoader:
+    """A DataLoader over `sampler` with the run's worker settings. A stream (an IterableDataset) deals out
+    its own samples, so `sampler` is not given to the loader, and its workers start afresh for every
+    `iter()`: they then read the epoch the stream was last set to."""
     w = cfg.data.workers
+    stream = isinstance(ds, IterableDataset)
     return DataLoader(
         ds,
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=None if stream else sampler,
         num_workers=w,
         collate_fn=collate,
         pin_memory=cfg.data.pin_memory and torch.cuda.is_available(),
-        persistent_workers=cfg.data.persistent_workers and w > 0,
+        persistent_workers=cfg.data.persistent_workers and w > 0 and not stream,
         worker_init_fn=seed_worker,
     )
 

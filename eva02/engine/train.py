@@ -18,13 +18,13 @@ from typing import Any
 import torch
 
 from eva02 import hints
-from eva02.data.datasets import EvalSampler, PaddedDataset, TrainSampler
+from eva02.data.datasets import EvalSampler, PaddedDataset
 from eva02.dtypes import autocast, autocast_dtype
 from eva02.engine.checkpointer import COUNTERS, Checkpointer, TrainingError
 from eva02.engine.config import RunConfig, save_config
 from eva02.engine.dist import DistInfo, all_reduce_sum, init_distributed
 from eva02.engine.ema import ModelEma
-from eva02.engine.loader import make_loader, step_seed, to_device
+from eva02.engine.loader import make_loader, step_seed, to_device, train_sampler
 from eva02.engine.optim import build_optimizer
 from eva02.engine.parallel import no_grad_sync, parallelize, unwrap
 from eva02.engine.runlog import Progress, RunLog
@@ -94,7 +94,9 @@ class Trainer:
         self.val_loader = None
         self.accum = accumulation(cfg, info.world_size)
         self.global_batch = cfg.data.batch_size * info.world_size * self.accum
-        self.sampler = TrainSampler(len(self.train_ds), self.global_batch, info.rank, info.world_size, t.seed)
+        self.sampler = train_sampler(
+            self.train_ds, self.global_batch, cfg.data.batch_size, info.rank, info.world_size, t.seed
+        )
         self.steps_per_epoch = self.sampler.steps_per_epoch()
         if self.steps_per_epoch == 0:
             raise ValueError(
