@@ -43,12 +43,14 @@ def _align_classes(val, classes: list[str]) -> None:
 
 def build_split(cfg: RunConfig, which: str, transform: Callable) -> Dataset:
     """Split `which` ('train' or 'val') in the run's `data.format`: folders or a list file, tar shards, or a
-    Hugging Face dataset; every one indexable, so order and augmentation follow (seed, epoch, index)."""
+    Hugging Face dataset; every one indexable, so order and augmentation follow (seed, epoch, index), except
+    train shards with data.streaming (a stream dealt out by (seed, epoch), `eva02.data.shard_stream`)."""
     d = cfg.data
     split = d.train_split if which == "train" else d.val_split
     if d.format == "wds":
         spec = (d.train_shards if which == "train" else d.val_shards) or os.path.join(d.root, split)
-        return shard_dataset(spec, transform, d.shard_cache, d.class_names)
+        stream = d.streaming and which == "train"  # validation is always indexed (fetched when named by URL)
+        return shard_dataset(spec, transform, d.shard_cache, d.class_names, stream, d.shuffle_buffer)
     if d.format == "hf":
         return hf_dataset(d.hf_name, split, transform, d.hf_image, d.hf_label, d.class_names)
     list_file = d.train_list if which == "train" else d.val_list

@@ -108,7 +108,8 @@ def build_mim_dataset(cfg: RunConfig, transform: Any) -> Dataset:
     d = cfg.data
     if d.format in ("wds", "hf"):
         if d.format == "wds":
-            ds = shard_dataset(d.train_shards or os.path.join(d.root, d.train_split), transform, d.shard_cache)
+            spec = d.train_shards or os.path.join(d.root, d.train_split)
+            ds = shard_dataset(spec, transform, d.shard_cache, "", d.streaming, d.shuffle_buffer)
         else:  # no label column needed
             ds = hf_dataset(d.hf_name, d.train_split, transform, d.hf_image, "")
         if len(ds) == 0:
