@@ -46,7 +46,8 @@ config = RunConfig(
         epochs=-(-ITERS // STEPS_PER_EPOCH), warmup_epochs=WARMUP / STEPS_PER_EPOCH, min_lr=0.0, kind="poly", power=1.0
     ),
     checkpoint=CheckpointCfg(every_epochs=2, keep_last=2),
-    train=TrainCfg(task="segment", amp="bf16", max_steps=ITERS, eval_every_epochs=2, log_every=50),
+    # sync_bn: the heads' BatchNorm as the official SyncBN under DDP on GPUs (per process on CPU)
+    train=TrainCfg(task="segment", amp="bf16", max_steps=ITERS, eval_every_epochs=2, log_every=50, sync_bn=True),
     seg=SegCfg(
         layout="ade20k",
         reduce_zero_label=True,
