@@ -34,7 +34,9 @@ StateDict = dict[str, Tensor]
 class Rule:
     """Our key parts <-> their key parts: each side concatenated along dim 0 is the same tensor.
 
-    `{i}` stands for a block index and `{p}` for `weight` or `bias`. A `None` part is a zero tensor
+    `{i}` stands for a block index and `{p}` for `weight` or `bias`; in the segmentation table
+    (`weights/official_seg.py`) also `{j}` for a head level and `{b}` for a BatchNorm tensor (`weight`,
+    `bias`, `running_mean`, `running_var`, `num_batches_tracked`). A `None` part is a zero tensor
     the same size as its siblings that one side does not store (the k bias of the attention).
     `when` limits a rule to layouts (one tag or a tuple of them). Blocks: 'fused' (Ti/S: fused qkv,
     packed SwiGLU), 'split' (B/L and CLIP B/L: separate q/k/v, w1/w2 and a sub-LN), 'gelu' (CLIP E:
@@ -206,9 +208,13 @@ class KBiasError(ValueError):
     """An mmpretrain checkpoint whose k bias is non-zero: not loadable into the official architecture."""
 
 
+BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
 @functools.cache
 def _pattern(template: str) -> re.Pattern:
     regex = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    regex = regex.replace(r"\{j\}", r"(?P<j>\d+)").replace(r"\{b\}", f"(?P<b>{'|'.join(BATCHNORM_TENSORS)})")
     return re.compile(regex)
 
 
