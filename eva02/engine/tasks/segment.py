@@ -43,6 +43,7 @@ from eva02.model.seg import Segmentor, SegmentorConfig
 from eva02.weights.convert import fit_to_config
 from eva02.weights.files import check_finite, read_checkpoint, read_metadata
 from eva02.weights.load import get_model, state_mismatch
+from eva02.weights.official_seg import is_official_seg, official_seg_to_ours
 
 if TYPE_CHECKING:
     from eva02.engine.config import RunConfig
@@ -81,7 +82,8 @@ def init_backbone(cfg: RunConfig, model: Segmentor) -> None:
 
 
 def load_segmentor(cfg: RunConfig, checkpoint: str, use_ema: bool | None = None) -> Segmentor:
-    """The run's segmentor with the weights of a training checkpoint (.pt) or a final .safetensors."""
+    """The run's segmentor with the weights of a training checkpoint (.pt), a final .safetensors or an
+    official EVA-02 seg checkpoint (mmseg .pth, `weights/official_seg.py`)."""
     model = Segmentor(segmentor_config(cfg))
     if ckpt.is_training_checkpoint(checkpoint):
         state = ckpt.load(checkpoint)
@@ -95,6 +97,8 @@ def load_segmentor(cfg: RunConfig, checkpoint: str, use_ema: bool | None = None)
             raise ValueError(f"{checkpoint} holds an EVA-02 backbone or classifier, not a segmentor; set it as "
                              "model.init to fine-tune a segmentor from it")  # fmt: skip
         weights = read_checkpoint(checkpoint, use_ema)
+        if is_official_seg(weights):  # an official EVA-02 seg (mmseg) file: through its key table
+            weights, _ = official_seg_to_ours(weights, model.cfg, checkpoint)  # (dropped: the RoPE tables)
     load_strict(model, weights, checkpoint)
     return model
 
