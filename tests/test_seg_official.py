@@ -239,3 +239,12 @@ def test_the_cli_answers_a_bad_file_in_one_line(setup, tmp_path: Path, capsys) -
     code = main(["segment", str(image), "--config", str(setup["cfg_path"]), "--checkpoint", bad])
     err = capsys.readouterr().err
     assert code == 2 and "backbone.blocks.0.attn.qkv.weight" in err and len(err.strip().splitlines()) == 1
+
+
+def test_given_as_a_classifier_or_backbone_the_file_names_the_segment_commands(setup) -> None:
+    from eva02.model import Eva02
+    from eva02.weights.load import load_checkpoint
+
+    backbone = setup["model"].cfg.backbone
+    with pytest.raises(ValueError, match=r"official EVA-02 segmentation model .* use `eva02 segment"):
+        load_checkpoint(Eva02(backbone), setup["pth"])

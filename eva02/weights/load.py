@@ -36,6 +36,7 @@ from eva02.weights.files import (  # noqa: F401 (part of this module's API)
     read_metadata,
     unwrap_state_dict,
 )
+from eva02.weights.official_seg import is_official_seg
 from eva02.weights.zoo import ZooEntry
 
 StateDict = dict[str, torch.Tensor]
@@ -153,6 +154,13 @@ def _read_ours(
         sd = read_checkpoint(path_or_sd, use_ema, prefer_ema)
         if fmt == "auto" and read_metadata(path_or_sd).get("format") == "eva02":
             fmt = "eva02"
+    if is_official_seg(sd):
+        where = path_or_sd if not isinstance(path_or_sd, dict) else "the checkpoint"
+        raise ValueError(
+            f"{where} holds an official EVA-02 segmentation model (UperNet, mmsegmentation), not a classifier or "
+            "backbone: use `eva02 segment IMAGES --config CONFIG --checkpoint FILE` or `tools/test.py CONFIG FILE` "
+            "with a segmentation config (configs/eva02_seg/)"
+        )
     if fmt == "auto":
         fmt = detect_format(sd)
     elif fmt not in FORMATS:
