@@ -33,6 +33,18 @@ class TextAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
+    def forward_at(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The output at one position per sequence: x (B, T, W), pos (B,) -> (B, W); what forward(x)
+        gives at those positions, with the query and projection computed there alone."""
+        B, T, W = x.shape
+        h, hd = self.heads, W // self.heads
+        w, b = self.qkv.weight, self.qkv.bias  # (3W, W), (3W,): q, k, v rows
+        q = F.linear(x[torch.arange(B, device=x.device), pos], w[:W], b[:W]).view(B, h, 1, hd)
+        k, v = F.linear(x, w[W:], b[W:]).view(B, T, 2, h, hd).permute(2, 0, 3, 1, 4)  # (B, h, T, hd) each
+        seen = torch.arange(T, device=x.device) <= pos[:, None]  # (B, T): causal, as seen from pos
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=seen[:, None, None, :])  # (B, h, 1, hd)
+        return self.proj(x.reshape(B, W))  # (B, W)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, W = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, T, hd)
@@ -53,6 +65,11 @@ class TextBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))  # (B, T, W)
         return x + self.mlp(self.norm2(x))  # (B, T, W)
+
+    def forward_at(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """forward(x) at one position per sequence, (B, T, W), (B,) -> (B, W), computing only that."""
+        y = x[torch.arange(x.shape[0], device=x.device), pos] + self.attn.forward_at(self.norm1(x), pos)  # (B, W)
+        return y + self.mlp(self.norm2(y))
 
 
 class TextTransformer(nn.Module):
@@ -85,23 +102,35 @@ class TextTransformer(nn.Module):
                 nn.init.zeros_(lin.bias)
         nn.init.normal_(self.proj, std=W**-0.5)
 
-    def forward_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, L) -> final normalised token features (B, L, W)."""
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         L = ids.shape[-1]
         if L > self.cfg.context_length:
             raise ValueError(f"text of {L} tokens is longer than the context of {self.cfg.context_length}")
-        x = self.token_embedding(ids) + self.pos_embed[:L].to(self.token_embedding.weight.dtype)  # (B, L, W)
-        for blk in self.blocks:
+        return self.token_embedding(ids) + self.pos_embed[:L].to(self.token_embedding.weight.dtype)  # (B, L, W)
+
+    def _run(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        for blk in blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
-        return self.norm(x)
+        return x
+
+    def forward_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> final normalised token features (B, L, W)."""
+        return self.norm(self._run(self.blocks, self._embed(ids)))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.forward_tokens(ids)  # (B, L, W)
-        eot = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]  # (B, W): end-of-text token
-        return eot @ self.proj  # (B, E)
+        eot = ids.argmax(dim=-1)  # (B,): the end-of-text token has the highest id
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # static shapes: every block on every token
+            x = self.forward_tokens(ids)  # (B, L, W)
+            return x[torch.arange(x.shape[0], device=x.device), eot] @ self.proj  # (B, E)
+        # Attention is causal, so what follows the last end-of-text token of the batch (padding) never
+        # reaches an end-of-text token: it is left out. And only the end-of-text token leaves the last
+        # block, so that block runs its query, projection and MLP on that one token per text.
+        ids = ids[:, : int(eot.max()) + 1]
+        x = self._run(self.blocks[:-1], self._embed(ids))  # (B, L', W)
+        return self.norm(self.blocks[-1].forward_at(x, eot)) @ self.proj  # (B, E)
 
 
 class Eva02Clip(nn.Module):

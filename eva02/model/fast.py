@@ -304,6 +304,47 @@ class Traced(BlockPath):
         return y.add_(x) if self.inplace_residual else x + y
 
 
+class FirstToken(BlockPath):
+    """A block's output for the first token alone, (B, T, D) -> (B, 1, D), for the last block of a model
+    whose output is its class token (token pooling, the EVA-02-CLIP image towers): the other tokens' last
+    outputs are never read, so they serve only as keys and values. The query, output projection and MLP
+    run on one token instead of T (about a twelfth of a B/L tower's work), in any block layout (pre- or
+    post-norm, SwiGLU or GELU, with or without RoPE); no windows. The maths is the reference's."""
+
+    def attention(self, attn: Attention, x: torch.Tensor, rope: RopeTables | None, mask=None) -> torch.Tensor:
+        B, T, D = x.shape
+        w = attn.qkv.weight  # (3D, D): q, k, v rows
+        q = F.linear(x[:, :1], w[:D], attn.q_bias).view(B, 1, attn.heads, attn.head_dim).transpose(1, 2)
+        kv = F.linear(x, w[D:], torch.cat((attn.k_bias, attn.v_bias))).view(B, T, 2, attn.heads, attn.head_dim)
+        k, v = (t.transpose(1, 2) for t in kv.unbind(2))  # (B, h, T, hd) each; q (B, h, 1, hd)
+        if rope is not None:
+            q = apply_rope(q, rope.cos[:1], rope.sin[:1])
+            k = apply_rope(k, rope.cos, rope.sin)
+        return _attend(attn, q, k, v, mask)  # (B, 1, D)
+
+    def mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return mlp(x)
+
+    def __call__(self, blk: Block, x: torch.Tensor, rope: RopeTables | None, windows: Windows | None = None):
+        if windows is not None:
+            raise ValueError("the first-token form of a block does not take windows")
+        first = x[:, :1]  # (B, 1, D)
+        if blk.post_norm:
+            first = first + blk.norm1(self.attention(blk.attn, x, rope))
+            return first + blk.norm2(self.mlp(blk.mlp, first))
+        first = first + self.attention(blk.attn, blk.norm1(x), rope)
+        return first + self.mlp(blk.mlp, blk.norm2(first))
+
+
+def first_token_form(model: nn.Module) -> FirstToken | None:
+    """The form of the last block when only the class token of `model`'s output is read (its `forward`
+    with token pooling): in inference (no autograd, eval mode, no windows), outside traced programs
+    (their layouts are fixed by `Traced` and the exporters) and outside `use` (which pins every block)."""
+    if torch.is_grad_enabled() or model.training or traced() or _forced.get() is not _CHOOSE:
+        return None
+    return None if model.cfg.window_size else FirstToken()
+
+
 # ------------------------------------------------------------------------------------- the choice
 _CHOOSE = object()  # no form forced: `choose` decides
 _forced: ContextVar[object] = ContextVar("eva02_block_path", default=_CHOOSE)

@@ -246,10 +246,13 @@ class Eva02(nn.Module):
             return checkpoint(blk, x, rope, path, windows, use_reentrant=False)
         return blk(x, rope, path, windows)
 
-    def forward_tokens(self, x: torch.Tensor, grid: tuple[int, int], indices: Sequence[int] = ()):
+    def forward_tokens(
+        self, x: torch.Tensor, grid: tuple[int, int], indices: Sequence[int] = (), last: fast.BlockPath | None = None
+    ):
         """Run all blocks on tokens; return final raw tokens and the raw outputs of blocks in `indices`.
 
-        The form every block runs in (reference or one of `fast.py`'s) is chosen here, once per call.
+        The form every block runs in (reference or one of `fast.py`'s) is chosen here, once per call;
+        `last` replaces it for the last block (`fast.FirstToken`: only the class token comes out).
         """
         c = self.cfg
         rope = self.rope_for(grid, x.device)
@@ -259,11 +262,12 @@ class Eva02(nn.Module):
             windows = Windows(grid, c.window_size, x.shape[0], c.window_pad_mask, x.device)
             win_rope = self.rope_for((c.window_size, c.window_size), x.device)
         keep = {}
+        n = len(self.blocks)
         for i, blk in enumerate(self.blocks):
             if c.windowed(i):
                 x = self._run_block(blk, x, win_rope, path, windows)
             else:
-                x = self._run_block(blk, x, rope, path, None)
+                x = self._run_block(blk, x, rope, last if last is not None and i == n - 1 else path, None)
             if i in indices:
                 keep[i] = x
         return x, [keep[i] for i in indices]
@@ -283,6 +287,10 @@ class Eva02(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = fast.first_token_form(self) if self.cfg.pool == "token" else None
+        if last is not None:  # only the class token is read: the last block computes nothing else
+            tokens, _ = self.forward_tokens(self.prepare_tokens(x), self.grid_of(x), last=last)  # (B, 1, D)
+            return self.forward_head(self.norm(tokens))
         return self.forward_head(self.forward_features(x))
 
     # ------------------------------------------------------------------------- feature extraction
