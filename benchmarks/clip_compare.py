@@ -2,7 +2,8 @@
 
 For each model, open_clip builds the model (random weights, no download), ours loads its state dict
 through the conversion tables, the outputs are checked equal (max abs difference printed), and then
-image encoding (a batch of images) and text encoding (a batch of 77-token texts) are timed in
+image encoding (a batch of images), text encoding (a batch of 77-token texts) and prompt encoding
+(ImageNet's zero-shot templates with its class names, as a zero-shot head is built) are timed in
 alternating rounds under `torch.inference_mode`, subnormal floats flushed to zero. Prints a table and writes JSON:
 
     python benchmarks/clip_compare.py --threads 2 --rounds 7
@@ -21,7 +22,7 @@ from pathlib import Path
 import eva02_bench as bench
 import torch
 
-from eva02.clip import tokenize
+from eva02.clip import imagenet_classnames, imagenet_templates, tokenize
 from eva02.model.clip import CLIP_VARIANTS, Eva02Clip
 from eva02.weights.convert import clip_to_ours
 
@@ -47,17 +48,30 @@ def measure(name: str, batch: int, text_batch: int, rounds: int, warmup: int) ->
     x = torch.randn(batch, 3, n, n)
     words = "a photo of a small red car parked next to a tall building on a sunny day in the city " * 4
     ids = tokenize([words] * text_batch)  # full 77-token texts
+    # Zero-shot prompts as a classifier head is built from them: ImageNet's templates with its class names.
+    names = imagenet_classnames()
+    templates = imagenet_templates()
+    prompts = tokenize([templates[i % len(templates)].format(names[(7 * i) % len(names)]) for i in range(text_batch)])
     with torch.inference_mode():
         err_img = (ours.encode_image(x) - ref.encode_image(x)).abs().max().item()
         err_txt = (ours.encode_text(ids) - ref.encode_text(ids)).abs().max().item()
+        err_prompt = (ours.encode_text(prompts) - ref.encode_text(prompts)).abs().max().item()
         image = bench.time_interleaved(
             {"ours": lambda: ours.encode_image(x), "open_clip": lambda: ref.encode_image(x)}, rounds, warmup
         )
         text = bench.time_interleaved(
             {"ours": lambda: ours.encode_text(ids), "open_clip": lambda: ref.encode_text(ids)}, rounds, warmup
         )
-    out = {"model": name, "batch": batch, "text_batch": text_batch, "max_abs_diff": {"image": err_img, "text": err_txt}}
-    for kind, times, per in (("image", image, batch), ("text", text, text_batch)):
+        prompt = bench.time_interleaved(
+            {"ours": lambda: ours.encode_text(prompts), "open_clip": lambda: ref.encode_text(prompts)}, rounds, warmup
+        )
+    out = {
+        "model": name,
+        "batch": batch,
+        "text_batch": text_batch,
+        "max_abs_diff": {"image": err_img, "text": err_txt, "prompts": err_prompt},
+    }
+    for kind, times, per in (("image", image, batch), ("text", text, text_batch), ("prompts", prompt, text_batch)):
         med = {k: statistics.median(v) for k, v in times.items()}
         out[kind] = {
             "per_s": {k: per / t for k, t in med.items()},
@@ -87,12 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": bench.machine_info(), "threads": args.threads, "rounds": args.rounds, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'model':<16} {'kind':<6} {'ours/s':>9} {'open_clip/s':>12} {'ratio':>6}  max |diff|")
+    print(f"{'model':<16} {'kind':<7} {'ours/s':>9} {'open_clip/s':>12} {'ratio':>6}  max |diff|")
     for r in results:
-        for kind in ("image", "text"):
+        for kind in ("image", "text", "prompts"):
             e = r[kind]
             print(
-                f"{r['model']:<16} {kind:<6} {e['per_s']['ours']:>9.2f} {e['per_s']['open_clip']:>12.2f} "
+                f"{r['model']:<16} {kind:<7} {e['per_s']['ours']:>9.2f} {e['per_s']['open_clip']:>12.2f} "
                 f"{e['ratio']:>5.2f}x  {r['max_abs_diff'][kind]:.2e}"
             )
     print(f"results: {args.out}", file=sys.stderr)
