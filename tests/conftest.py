@@ -1,0 +1,20 @@
+"""Settings for every test process.
+
+The default run spreads the tests over one pytest-xdist worker per core (`-n auto` in pyproject.toml).
+Each worker then gives torch its share of the cores, so the workers' thread pools do not fight over
+them (torch would start one thread per core in every worker).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def pytest_configure(config) -> None:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        import torch
+
+        from eva02.threads import usable_cores
+
+        torch.set_num_threads(max(1, usable_cores() // workers))
