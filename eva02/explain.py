@@ -8,7 +8,8 @@ Two methods:
   patches. It needs no head, so it works for every model.
 - Grad-CAM (Selvaraju et al. 2017, arXiv 1610.02391) on tokens instead of a convolutional map: the
   gradient of one class logit with respect to the patch tokens a block puts out, averaged over the
-  tokens, weights each channel; the ReLU of the weighted sum of channels is the map. Classifiers only.
+  tokens, weights each channel; the ReLU of the weighted sum of channels is the map. Classifiers only;
+  the last block by default, the one before it where the head reads the class token (pool='token').
 
 The blocks compute attention with fused SDPA, which returns no weights, so `block_attention`
 recomputes the probabilities from a block's input exactly as `eva02.model.layers.Attention` does:
@@ -117,21 +118,19 @@ def attention_rollout(model: Eva02, x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ Grad-CAM
 def gradcam(
-    model: Eva02, x: torch.Tensor, target: int | Sequence[int] | torch.Tensor | None = None, block: int = -1
+    model: Eva02, x: torch.Tensor, target: int | Sequence[int] | torch.Tensor | None = None, block: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (B, 3, H, W) -> (Grad-CAM maps (B, H/p, W/p) >= 0, the class explained per image (B,)).
 
     Args:
         target: the class whose logit is explained, one for all images or one per image (a list
             may hold None for some); None: each image's top class.
-        block: whose output tokens are weighted by their gradient (default: the last block).
+        block: whose output tokens are weighted by their gradient; default: the last block whose patch
+            tokens reach the head (see `gradcam_block`).
     """
     if not model.is_classifier:
         raise ValueError(NO_HEAD)
-    n = len(model.blocks)
-    j = block + n if block < 0 else block
-    if not 0 <= j < n:
-        raise IndexError(f"block {block} is out of range for a {n}-block model")
+    j = gradcam_block(model, block)
     x = x.to(_device_of(model))
     grid = model.grid_of(x)
     # The blocks up to `block` run once without a graph; only the part after it is differentiated.
@@ -151,6 +150,28 @@ def gradcam(
     weights = grad[:, 1:].mean(dim=1, keepdim=True)  # (B, 1, D): mean gradient per channel
     cam = (acts.detach()[:, 1:] * weights).sum(dim=-1).clamp_min(0)  # (B, N)
     return cam.reshape(cam.shape[0], *grid), classes
+
+
+def gradcam_block(model: Eva02, block: int | None = None) -> int:
+    """The index of the block whose output Grad-CAM weights: `block` checked, or by default the last one
+    whose patch tokens reach the head. A class-token-pooled head (pool='token') reads the class token
+    alone, after the last block, so that block's patch tokens get no gradient and their map would be
+    all zeros: such models default to the block before the last."""
+    n = len(model.blocks)
+    token = model.cfg.pool == "token"
+    if block is None:
+        if token and n < 2:
+            raise ValueError("Grad-CAM of a class-token-pooled model needs a block before the last; this one has 1")
+        block = -2 if token else -1
+    j = block + n if block < 0 else block
+    if not 0 <= j < n:
+        raise IndexError(f"block {block} is out of range for a {n}-block model")
+    if token and j == n - 1:
+        raise ValueError(
+            "the last block's patch tokens do not reach a class-token-pooled head (their gradient is 0); "
+            "use an earlier block, e.g. block=-2"
+        )
+    return j
 
 
 def _targets(target, logits: torch.Tensor) -> torch.Tensor:
