@@ -13,12 +13,13 @@ from dataclasses import replace
 
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
 from eva02.weights.zoo import CLIP_MEAN, CLIP_STD, Preprocess
 
 CROP_MODES = ("center", "squash")
-INTERPOLATIONS = {m.value: m for m in v2.InterpolationMode}
+# The values of torchvision's InterpolationMode, by name: torchvision's transforms take seconds to import, so
+# this module imports them only when it builds a transform (a command that fails its checks never waits).
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 def preprocess_for_model(model: torch.nn.Module, img_size: int | None = None) -> Preprocess:
@@ -36,7 +37,9 @@ def eval_transform(pre: Preprocess, img_size: int | None = None) -> Callable[[Im
     if img_size is not None:
         pre = replace(pre, img_size=img_size)
     _check(pre)
-    interp = INTERPOLATIONS[pre.interpolation]
+    from torchvision.transforms import v2
+
+    interp = v2.InterpolationMode(pre.interpolation)
     if pre.crop_mode == "squash":
         geometry = [v2.Resize((pre.img_size, pre.img_size), interpolation=interp, antialias=True)]
     else:
