@@ -13,6 +13,7 @@ identical after a resume.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from eva02.data.images import IMAGE_EXTENSIONS, ImageError, load_image
+from eva02.data.images import IMAGE_EXTENSIONS, ImageError, deferred_jpeg_decoding, load_image
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,24 @@ def read_names(path: str | os.PathLike) -> list[str]:
     return [line.strip() for line in p.read_text().splitlines() if line.strip()]
 
 
+def takes_encoded(transform: Any) -> bool:
+    """Whether `transform`, or one it wraps (as `.transform`), decodes JPEGs itself (`takes_encoded = True`,
+    e.g. `fast_transforms.FastTrainTransform`): it is then given them undecoded (`images.EncodedImage`)."""
+    while transform is not None:
+        if getattr(transform, "takes_encoded", False):
+            return True
+        transform = getattr(transform, "transform", None)
+    return False
+
+
 class SeededDataset(Dataset):
     """A dataset whose augmentation is a function of the sampler's key: `apply` seeds `transform`."""
 
     transform: Callable
+
+    def decoding(self) -> contextlib.AbstractContextManager:
+        """The context to read images in: JPEGs left undecoded when the transform decodes them itself."""
+        return deferred_jpeg_decoding() if takes_encoded(self.transform) else contextlib.nullcontext()
 
     def apply(self, img: Image.Image, seed: int | None) -> Any:
         """`transform(img)`; with the key's seed (`sample_seed`), torch and `random` are seeded by it for the
@@ -91,7 +106,9 @@ class SeededDataset(Dataset):
             return self.transform(img)
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # The CPU generator only: torch.manual_seed would also (re)seed every GPU's, which the fork does not
+            # restore, and costs more than a small image's crop (it records a stack trace per device type).
+            torch.default_generator.manual_seed(seed)
             random.seed(seed)
             out = self.transform(img)
         random.setstate(py_state)
@@ -113,10 +130,11 @@ class ImageDataset(SeededDataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
         try:
-            img = load_image(path)
+            with self.decoding():
+                img = load_image(path)
+            return self.apply(img, seed), label, index  # a deferred JPEG's data errors come from here
         except (ImageError, OSError) as e:
             return BadSample(path, str(e))
-        return self.apply(img, seed), label, index
 
     def check_not_empty(self, what: str) -> None:
         if not self.samples:
@@ -164,12 +182,14 @@ class RecordDataset(SeededDataset):
     def __getitem__(self, key: int | tuple[int, int]):
         index, seed = key if isinstance(key, tuple) else (key, None)
         try:
-            img, label = self.read(index)
+            with self.decoding():
+                img, label = self.read(index)
+            out = self.apply(img, seed)  # a deferred JPEG's data errors come from here
         except ImageError as e:
             return BadSample(self.name(index), str(e))
         if self.label_map is not None:
             label = self.label_map[label]
-        return self.apply(img, seed), label, index
+        return out, label, index
 
     def check_not_empty(self, what: str) -> None:
         if len(self) == 0:

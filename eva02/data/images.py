@@ -9,19 +9,26 @@ Every source ends as 8-bit RGB, the input the eval transforms expect:
 - CMYK, grayscale, bilevel and palette images are converted with PIL's own conversions.
 Files are fully decoded on load, so a truncated or corrupt file fails here, naming the file, instead
 of later inside a batch. Over-large images (PIL's decompression-bomb limit) are refused.
+
+One exception, for training transforms that pick their crop before decoding: inside
+`deferred_jpeg_decoding()`, `load_image` and `decode_image` give a JPEG as an `EncodedImage` (header read,
+upright size known, pixels not decoded); its `decode(reduce)` then decodes it, at 1/2, 1/4 or 1/8 of its size
+when asked (libjpeg's DCT scaling, PIL's `Image.draft`), with the same conversions and the same errors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from eva02.fileio import atomic_write
 
@@ -38,7 +45,8 @@ class ImageError(ValueError):
 
 
 def load_image(src: ImageSource) -> Image.Image:
-    """Load a path, PIL image, numpy array (HW, HWC) or tensor (CHW, HW) as an RGB PIL image."""
+    """Load a path, PIL image, numpy array (HW, HWC) or tensor (CHW, HW) as an RGB PIL image (a JPEG file
+    inside `deferred_jpeg_decoding()`: an `EncodedImage`)."""
     if isinstance(src, Image.Image):
         return to_rgb(src)
     if isinstance(src, torch.Tensor):
@@ -60,10 +68,11 @@ def read_bytes(path: str | os.PathLike, name: str = "") -> bytes:
 
 def decode_image(data: bytes, name: str) -> Image.Image:
     """Image bytes (an image file's contents) -> upright RGB, with the checks and errors of loading the
-    file itself; `name` names the source in the error (a path, a shard sample, a dataset row)."""
+    file itself; `name` names the source in the error (a path, a shard sample, a dataset row). A JPEG
+    inside `deferred_jpeg_decoding()` comes back as an `EncodedImage`."""
     if not data:
         raise ImageError(f"cannot load image '{name}': no image data (0 bytes)")
-    return _decode(io.BytesIO(data), name)
+    return _decode(data, name)
 
 
 def _open_path(path: Path) -> Image.Image:
@@ -76,11 +85,14 @@ def _open_path(path: Path) -> Image.Image:
         raise fail("it is a directory (pass the files, or the directory to a command that expands it)")
     if path.stat().st_size == 0:
         raise fail("the file is empty (0 bytes)")
+    if _DEFER_JPEG.get():  # the file's bytes in memory: an EncodedImage holds no open file
+        return _decode(read_bytes(path), str(path))
     return _decode(path, str(path))
 
 
-def _decode(fp: Path | io.BytesIO, name: str) -> Image.Image:
-    """Fully decode (truncated or corrupt data fails here) to RGB; decompression bombs refused."""
+@contextlib.contextmanager
+def _decode_errors(name: str) -> Iterator[None]:
+    """PIL's errors while opening or decoding -> ImageError naming `name`; decompression bombs refused."""
 
     def fail(reason: str) -> ImageError:
         return ImageError(f"cannot load image '{name}': {reason}")
@@ -89,9 +101,7 @@ def _decode(fp: Path | io.BytesIO, name: str) -> Image.Image:
         with warnings.catch_warnings():
             # PIL only warns between 1x and 2x its pixel limit; a bomb is refused either way.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fp) as img:
-                img.load()  # full decode now: truncated or corrupt data fails here
-                return to_rgb(img)
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise fail(
             f"too many pixels ({e}); if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS before loading"
@@ -101,6 +111,62 @@ def _decode(fp: Path | io.BytesIO, name: str) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
         raise fail(f"truncated or corrupt image data ({reason})") from None
+
+
+def _decode(src: Path | bytes, name: str) -> Image.Image:
+    """Fully decode (truncated or corrupt data fails here) to RGB; decompression bombs refused."""
+    with _decode_errors(name):
+        in_memory = not isinstance(src, Path)
+        img = Image.open(io.BytesIO(src) if in_memory else src)
+        if _DEFER_JPEG.get() and img.format == "JPEG" and in_memory:
+            return EncodedImage(img, name, bytes(src))
+        with img:
+            img.load()  # full decode now: truncated or corrupt data fails here
+            return to_rgb(img)
+
+
+# ------------------------------------------------------------------------------------ deferred JPEG decoding
+_DEFER_JPEG: contextvars.ContextVar[bool] = contextvars.ContextVar("eva02_defer_jpeg", default=False)
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+@contextlib.contextmanager
+def deferred_jpeg_decoding() -> Iterator[None]:
+    """Within it, `load_image(path)` and `decode_image` give JPEGs as `EncodedImage`s; other images as always."""
+    token = _DEFER_JPEG.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_JPEG.reset(token)
+
+
+class EncodedImage:
+    """A JPEG opened but not decoded (`img`, from the file's bytes `data`): `size` is its upright (width, height),
+    as `load_image` would give it, and `decode` gives the RGB image, at a reduced size when asked. Decode it once."""
+
+    def __init__(self, img: Image.Image, name: str, data: bytes) -> None:
+        self.img, self.name, self.data = img, name, data
+        self.orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+        w, h = img.size
+        self.size = (h, w) if self.orientation in _TRANSPOSED else (w, h)
+
+    def decode(self, reduce: int = 1) -> tuple[Image.Image, int]:
+        """(upright RGB image, factor): the image at 1/factor of its size in each side, rounded up; `factor` is
+        `reduce` (1, 2, 4 or 8) when the decoder can scale this file (baseline and progressive JPEGs), else 1.
+        Image coordinates x of the full image are x / factor in the reduced one."""
+        img, factor = self.img, 1
+        with _decode_errors(self.name):
+            if reduce > 1:
+                w, h = img.size
+                drafted = img.draft("RGB", (max(1, w // reduce), max(1, h // reduce)))
+                if drafted is not None:
+                    factor = round(w / drafted[1][2])
+            img.load()
+        if img.mode == "RGB" and self.orientation == 1:
+            return img, factor  # to_rgb would only copy it
+        rgb = to_rgb(img)
+        img.close()
+        return rgb, factor
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -57,10 +57,13 @@ class RandAugmentMstd(v2.RandAugment):
                 magnitude = float(magnitudes[round(level * (_BINS - 1) / 10)])
                 if signed and torch.rand(()) <= 0.5:
                     magnitude = -magnitude
-            image = self._apply_image_or_video_transform(
-                image, op, magnitude, interpolation=self.interpolation, fill=self._fill
-            )
+            image = self.apply_op(image, op, magnitude)
         return self._unflatten_and_insert_image_or_video(flat, image)
+
+    def apply_op(self, image: Any, op: str, magnitude: float) -> Any:
+        """Op `op` of torchvision's RandAugment table at `magnitude` (signed), on a PIL image or tensor."""
+        return self._apply_image_or_video_transform(image, op, magnitude, interpolation=self.interpolation,
+                                                    fill=self._fill)  # fmt: skip
 
 
 def train_transform(
@@ -96,12 +99,17 @@ def train_transform(
 
 
 def train_transform_from(data: Any, img_size: int) -> Callable:
-    """`train_transform` with the augmentation settings of a run's `data` section (an engine `DataCfg`)."""
+    """The train transform of a run's `data` section (an engine `DataCfg`): its fast form
+    (`fast_transforms.FastTrainTransform`, with `data.reduced_decode`) when `data.fast_transforms`, else
+    `train_transform`, the reference; the same augmentation either way."""
     d = data
-    return train_transform(
-        img_size, d.mean, d.std, d.rrc_scale, d.rrc_ratio, d.hflip,
-        d.randaug_n, d.randaug_m, d.randaug_mstd, d.reprob, d.interpolation,
-    )  # fmt: skip
+    args = (img_size, d.mean, d.std, d.rrc_scale, d.rrc_ratio, d.hflip,
+            d.randaug_n, d.randaug_m, d.randaug_mstd, d.reprob, d.interpolation)  # fmt: skip
+    if d.fast_transforms:
+        from eva02.data.fast_transforms import FastTrainTransform  # it builds on this module
+
+        return FastTrainTransform(*args, reduced_decode=d.reduced_decode)
+    return train_transform(*args)
 
 
 def seed_worker(worker_id: int) -> None:
