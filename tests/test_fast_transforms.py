@@ -125,6 +125,17 @@ def test_fast_output_is_the_reference_output_within_resize_rounding(photo) -> No
         assert (a - b).abs().mean() < 0.01, seed  # normalised units; one uint8 level is ~0.015
 
 
+def test_uint8_output_is_the_normalised_output_before_normalising(photo) -> None:
+    u8, f32 = FastTrainTransform(80, normalize=False, **FT), FastTrainTransform(80, **FT)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    for seed in range(6):
+        x, y = seeded(u8, seed, encoded(photo)), seeded(f32, seed, encoded(photo))
+        assert x.dtype == torch.uint8 and x.shape == (3, 80, 80) and x.is_contiguous()
+        torch.testing.assert_close((x / 255 - mean) / std, y, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="reprob"):
+        FastTrainTransform(80, normalize=False, reprob=0.25, **FT)
+
+
 def test_output_statistics_match_the_reference(photo) -> None:
     """Per-channel mean and spread of the outputs over many seeds, reduced decoding on, against the reference."""
     img = decode_image(photo, "astronaut")

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from eva02.data.images import IMAGE_EXTENSIONS, ImageError, deferred_jpeg_decoding, load_image
 
@@ -251,7 +251,9 @@ def collate(items: list) -> dict:
         return {"images": None, "targets": None, "index": None, "bad": bad}
     imgs, targets, index = zip(*good, strict=True)
     return {
-        "images": torch.stack(imgs),
+        # default_collate stacks the images as torch.stack does, but in a DataLoader worker straight into the
+        # shared memory the batch travels through to the main process: one copy of the largest tensor saved
+        "images": default_collate(list(imgs)),
         "targets": torch.as_tensor(targets, dtype=torch.long),
         "index": torch.as_tensor(index, dtype=torch.long),
         "bad": bad,
