@@ -9,8 +9,10 @@ entropy is a photo's, not an upscaled one's), in two sets: 'imagenet' (500x375, 
 
 Recipes: 'ft448', the official fine-tuning augmentation at 448 px (RandomResizedCrop scale (0.08, 1) bicubic,
 flip, RandAugment rand-m9-mstd0.5-inc1, no random erasing), and 'mim224', the MIM pre-training view at
-224 px (RandomResizedCrop scale (0.2, 1) bicubic, flip). Loaders, each a torch DataLoader in this process
-(num_workers=0, one torch thread: everything runs on one core), batches of --batch, for one epoch:
+224 px (RandomResizedCrop scale (0.2, 1) bicubic, flip). Loaders, each a torch DataLoader with one torch
+thread, batches of --batch, for one epoch, either in this process (--workers 0: everything on one core)
+or with --workers N worker processes (the batches then travel through shared memory, as in training); the
+CPU time counted is this process's and its workers':
 
 - timm: `timm.data.create_dataset` + `create_loader` with the same augmentation (`use_prefetcher=True`,
   its default: uint8 batches normalised to float in the prefetcher, here on the CPU, counted); shards
@@ -28,7 +30,7 @@ time: per core, robust to other jobs' load) and of wall-clock images per second,
 repeats of each variant's ratio to timm (to timm-u8 for fast-u8) in the same repeat.
 
     python benchmarks/loader_bench.py [--images 192] [--repeats 5] [--batch 32] [--sets imagenet large]
-        [--recipes ft448 mim224] [--json benchmarks/results/loader_cpu.json]
+        [--recipes ft448 mim224] [--workers 0] [--json benchmarks/results/loader_cpu.json]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import argparse
 import json
 import platform
 import random
+import resource
 import statistics
 import sys
 import tempfile
@@ -121,7 +124,7 @@ def patch_timm_posterize() -> None:
             aa.NAME_TO_OP[name] = posterize
 
 
-def timm_loader(source: str, path: Path, n: int, recipe: dict, batch: int):
+def timm_loader(source: str, path: Path, n: int, recipe: dict, batch: int, workers: int):
     import torch
     from timm.data import create_dataset, create_loader
 
@@ -138,17 +141,18 @@ def timm_loader(source: str, path: Path, n: int, recipe: dict, batch: int):
         ds, input_size=(3, s, s), batch_size=batch, is_training=True, scale=recipe["scale"], ratio=(3 / 4, 4 / 3),
         hflip=0.5, color_jitter=None, auto_augment="rand-m9-mstd0.5-inc1" if recipe["randaug_n"] else None,
         interpolation="bicubic", mean=CLIP_MEAN, std=CLIP_STD, re_prob=recipe["reprob"], re_mode="pixel",
-        num_workers=0, device=torch.device("cpu"), use_prefetcher=True, persistent_workers=False, pin_memory=False,
+        num_workers=workers, device=torch.device("cpu"), use_prefetcher=True, persistent_workers=False,
+        pin_memory=False,
     )  # fmt: skip
 
 
-def our_loader(source: str, path: Path, variant: str, recipe: dict, batch: int, seed: int):
+def our_loader(source: str, path: Path, variant: str, recipe: dict, batch: int, seed: int, workers: int):
     from torch.utils.data import DataLoader
 
     from eva02.data.datasets import TrainSampler, build_dataset, collate
     from eva02.data.fast_transforms import FastTrainTransform
     from eva02.data.shards import shard_dataset
-    from eva02.data.train_transforms import train_transform
+    from eva02.data.train_transforms import seed_worker, train_transform
     from eva02.weights.zoo import CLIP_MEAN, CLIP_STD
 
     args = dict(img_size=recipe["img_size"], mean=CLIP_MEAN, std=CLIP_STD, scale=recipe["scale"],
@@ -159,15 +163,24 @@ def our_loader(source: str, path: Path, variant: str, recipe: dict, batch: int, 
         tf = FastTrainTransform(**args, reduced_decode=variant != "fast", normalize=variant != "fast-u8")
     ds = build_dataset(str(path.parent), path.name, "", "", tf) if source == "folder" else shard_dataset(str(path), tf)
     sampler = TrainSampler(len(ds), batch, 0, 1, seed=seed)
-    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=0, collate_fn=collate)
+    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      worker_init_fn=seed_worker if workers else None)  # fmt: skip
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)  # processes ended and waited for: the loader's workers
+    return r.ru_utime + r.ru_stime
 
 
 def run_epoch(loader) -> tuple[int, float, float]:
-    """(images, CPU seconds, wall seconds) of one pass over `loader`."""
-    images, cpu0, wall0 = 0, time.process_time(), time.perf_counter()
-    for batch in loader:
+    """(images, CPU seconds of this process and its DataLoader workers, wall seconds) of one pass over `loader`;
+    the workers (not persistent) end with the pass, so their CPU time is counted."""
+    images, cpu0, wall0 = 0, time.process_time() + children_cpu(), time.perf_counter()
+    it = iter(loader)
+    for batch in it:
         images += len(batch["images"] if isinstance(batch, dict) else batch[0])
-    return images, time.process_time() - cpu0, time.perf_counter() - wall0
+    del it  # shuts the workers down
+    return images, time.process_time() + children_cpu() - cpu0, time.perf_counter() - wall0
 
 
 # ------------------------------------------------------------------------------------ main
@@ -185,10 +198,10 @@ def measure(args, paths: dict) -> tuple[list, dict]:
                 torch.manual_seed(rep)  # timm draws from the global generators
                 random.seed(rep)
                 if v.startswith("timm"):
-                    loader = timm_loader(src, paths[s][src], args.images, RECIPES[r], args.batch)
+                    loader = timm_loader(src, paths[s][src], args.images, RECIPES[r], args.batch, args.workers)
                     loader = loader.loader if v == "timm-u8" else loader  # the DataLoader behind the prefetcher
                 else:
-                    loader = our_loader(src, paths[s][src], v, RECIPES[r], args.batch, seed=rep)
+                    loader = our_loader(src, paths[s][src], v, RECIPES[r], args.batch, rep, args.workers)
                 runs[(c, v)].append(run_epoch(loader))
         print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
     return cells, runs
@@ -226,6 +239,7 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--sources", nargs="+", default=["folder", "shards"], choices=["folder", "shards"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers (their CPU time is counted)")
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args()
 
@@ -238,7 +252,8 @@ def main() -> None:
     patch_timm_posterize()
     results: dict = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "timm": timm.__version__, "pillow": PIL.__version__,
-                     "images": args.images, "repeats": args.repeats, "batch": args.batch}  # fmt: skip
+                     "images": args.images, "repeats": args.repeats, "batch": args.batch,
+                     "workers": args.workers}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for s in args.sets:
