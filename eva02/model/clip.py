@@ -122,7 +122,7 @@ class TextTransformer(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         eot = ids.argmax(dim=-1)  # (B,): the end-of-text token has the highest id
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # static shapes: every block on every token
+        if ids.is_meta or torch.compiler.is_compiling() or torch.jit.is_tracing():  # static shapes (and FLOP counts)
             x = self.forward_tokens(ids)  # (B, L, W)
             return x[torch.arange(x.shape[0], device=x.device), eot] @ self.proj  # (B, E)
         # Attention is causal, so what follows the last end-of-text token of the batch (padding) never

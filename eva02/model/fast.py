@@ -336,11 +336,12 @@ class FirstToken(BlockPath):
         return first + self.mlp(blk.mlp, blk.norm2(first))
 
 
-def first_token_form(model: nn.Module) -> FirstToken | None:
-    """The form of the last block when only the class token of `model`'s output is read (its `forward`
-    with token pooling): in inference (no autograd, eval mode, no windows), outside traced programs
-    (their layouts are fixed by `Traced` and the exporters) and outside `use` (which pins every block)."""
-    if torch.is_grad_enabled() or model.training or traced() or _forced.get() is not _CHOOSE:
+def first_token_form(model: nn.Module, x: torch.Tensor) -> FirstToken | None:
+    """The form of the last block when only the class token of `model`'s output on `x` is read (its
+    `forward` with token pooling): in inference (no autograd, eval mode, no windows), outside traced
+    programs (their layouts are fixed by `Traced` and the exporters), outside `use` (which pins every
+    block), and not on the meta device (FLOP counts are of the whole model)."""
+    if torch.is_grad_enabled() or model.training or traced() or _forced.get() is not _CHOOSE or x.is_meta:
         return None
     return None if model.cfg.window_size else FirstToken()
 

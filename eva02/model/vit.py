@@ -287,7 +287,7 @@ class Eva02(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last = fast.first_token_form(self) if self.cfg.pool == "token" else None
+        last = fast.first_token_form(self, x) if self.cfg.pool == "token" else None
         if last is not None:  # only the class token is read: the last block computes nothing else
             tokens, _ = self.forward_tokens(self.prepare_tokens(x), self.grid_of(x), last=last)  # (B, 1, D)
             return self.forward_head(self.norm(tokens))
