@@ -160,6 +160,7 @@ def test_memory_ratios_pair_checkpointed_runs():
     assert "x_timm_peak" not in mem["timm"]
 
 
+@pytest.mark.slow  # a benchmark rehearsal: a fresh interpreter measures a training step's memory
 def test_measure_memory_in_a_subprocess():
     m = bench.measure_memory("ours", bench.SIZES["test-56"], train=True, batch=8, threads=1)
     assert set(m) == {"base_mib", "activations_mib", "peak_mib"}
@@ -245,6 +246,7 @@ def test_replayed_kernels_reproduce_the_recorded_results():
 
 
 @needs_timm
+@pytest.mark.slow  # a benchmark rehearsal: records and replays every kernel of both models
 def test_bench_floor_ratios_follow_from_the_measured_times(capsys):
     res = bench.bench_floor(bench.SIZES["test-56"], rounds=1)
     for impl in ("ours", "timm"):

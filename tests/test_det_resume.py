@@ -32,6 +32,7 @@ def test_resume_from_a_mid_run_checkpoint_matches(tmp_path: Path) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow  # bf16 is emulated on CPUs without AMX: about 30 s here
 def test_bf16_autocast_trains_and_evaluates(tmp_path: Path) -> None:
     """AMP on the detector (bf16 autocast, here on the CPU): the steps and the COCO evaluation run."""
     config = scenes_run(tmp_path / "scenes", 8, 1, **{"model.depth": 2, "det.global_blocks": (1,),

@@ -195,6 +195,7 @@ def test_page_shows_bars_and_overlay_for_a_photo(browser, server, tmp_path) -> N
     page.close()
 
 
+@pytest.mark.slow  # a second server and browser session (a CLIP model): about 20 s
 def test_page_offers_zero_shot_labels_for_a_clip_model(browser, clip_server, tmp_path) -> None:
     url = clip_server
     photo = tmp_path / "chelsea.png"
