@@ -25,7 +25,7 @@ from test_cli_shard import make_images
 from test_engine_digits import config_text, write_digits
 
 from eva02.cli import main
-from eva02.data.datasets import collate, sample_seed
+from eva02.data.datasets import BadSample, collate, sample_seed
 from eva02.data.shard_stream import ShardStream, StreamError, shard_order, worker_span
 from eva02.data.shard_writer import scan_source, write_shards
 from eva02.data.shards import Shard, shard_dataset
@@ -254,6 +254,64 @@ def test_mim_streams_plain_shards_with_the_indexed_augmentation(digits, root) ->
     for (x, mask), _, i in epoch(streamed, 2, seed=0)[:10]:
         (y, mask_y), _, _ = indexed[(i, sample_seed(0, 2, i))]
         assert torch.equal(x, y) and torch.equal(mask, mask_y)
+
+
+def test_a_stream_defers_jpeg_decoding_as_the_indexed_reader_does(tmp_path) -> None:
+    """With the fast train transform, streamed JPEGs reach it undecoded and are decoded at a reduced size where
+    the crop allows it: the indexed reader's tensors; a JPEG whose data is corrupt is a bad sample of that name."""
+    import io
+    import tarfile
+
+    from PIL import Image
+    from skimage import data
+
+    from eva02.data.fast_transforms import FastTrainTransform
+    from eva02.weights.zoo import CLIP_MEAN, CLIP_STD
+
+    photos = [getattr(data, n)() for n in ("astronaut", "coffee", "chelsea", "rocket")]  # 300 to 640 px
+    members = []
+    for k, a in enumerate(photos + [photos[1]]):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "JPEG", quality=88)
+        jpg = buf.getvalue()[:6000] if k == 4 else buf.getvalue()  # the last one cut: header fine, data not
+        members += [(f"{k:03d}.jpg", jpg), (f"{k:03d}.cls", str(k % 2).encode())]
+    with tarfile.open(tmp_path / "photos.tar", "w") as tar:
+        for name, blob in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+    seen: list[tuple[str, int]] = []
+
+    class Spy(FastTrainTransform):
+        def plan(self, width: int, height: int):
+            p = super().plan(width, height)
+            seen.append((kind, p[-1]))
+            return p
+
+        def __call__(self, img):
+            seen.append((type(img).__name__, 0))
+            return super().__call__(img)
+
+    tf = Spy(32, CLIP_MEAN, CLIP_STD, scale=(0.5, 1.0))
+    spec = str(tmp_path / "photos.tar")
+    indexed = shard_dataset(spec, tf)
+    kind = "indexed"
+    want = {i: indexed[(i, sample_seed(5, 2, i))] for i in range(5)}
+    seen.clear()
+    kind = "streamed"
+    got = epoch(stream(spec, transform=tf), 2, seed=5)
+    assert seen.count(("EncodedImage", 0)) == 5 and ("Image", 0) not in seen  # all five left undecoded
+    assert {r for k, r in seen if k == "streamed"} & {2, 4, 8}  # decoded at a reduced size
+    assert len(got) == 5
+    for item in got:
+        if isinstance(item, BadSample):
+            assert item == want[4] and item.path.endswith("photos.tar#4") and "truncated" in item.reason, item
+            continue
+        x, label, i = item
+        y, label_y, _ = want[i]
+        assert label == label_y and torch.equal(x, y), i
+    assert sum(isinstance(item, BadSample) for item in got) == 1
 
 
 # ------------------------------------------------------------------------------------------ errors

@@ -279,14 +279,16 @@ class ShardStream(RecordDataset, IterableDataset):
         name = f"{self.shards[s].name}#{offset}"
         full = f"{name} ({raw['__key__']})"
         try:
-            img = decode_image(image_bytes(raw, full), full)
+            with self.decoding():  # as the indexed reader: JPEGs left to a transform that decodes them itself
+                img = decode_image(image_bytes(raw, full), full)
+            out = self.apply(img, sample_seed(self.seed, epoch, index))  # a deferred JPEG's data errors come here
         except ImageError as e:
             return BadSample(name, str(e))
         label = sample_label(raw)
         label = 0 if label is None else label
         if self.label_map is not None:
             label = self.label_map[label]
-        return self.apply(img, sample_seed(self.seed, epoch, index)), label, index
+        return out, label, index
 
     def first_sample(self) -> dict[str, Any]:
         """The first sample of the first shard that holds one (read, then the transfer stops)."""
