@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,7 +39,10 @@ except ImportError:  # pragma: no cover
     decode_jpeg = None
 
 from eva02.data.images import EncodedImage, ImageError
-from eva02.data.train_transforms import _INTERP, RandAugmentMstd
+from eva02.data.train_transforms import _INTERP, RandAugmentMstd, train_transform_from
+
+if TYPE_CHECKING:
+    from eva02.engine.config import DataCfg
 
 _TORCH_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest-exact"}  # as PIL's resize
 _PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -184,3 +187,15 @@ class FastTrainTransform:
         out = torch.empty((3, self.size, self.size), dtype=torch.float32)
         out.copy_(hwc.permute(2, 0, 1)).mul_(self.mul).add_(self.add)
         return self.erase(out) if self.erase is not None else out
+
+
+def train_transform_for(d: DataCfg, img_size: int) -> Any:
+    """The train transform of a run's data settings (`train_transforms.train_transform_from`); with
+    `d.device_normalize`, the fast one giving uint8 pixels (a quarter of the bytes through collation, shared and
+    pinned memory and the copy to the device), which the loop normalises there (`engine.loader.DeviceNormalize`)."""
+    tf = train_transform_from(d, img_size)
+    if d.device_normalize:
+        if not isinstance(tf, FastTrainTransform) or tf.erase is not None:
+            raise ValueError("data.device_normalize needs data.fast_transforms=true and data.reprob=0")
+        tf.normalize = False
+    return tf

@@ -109,6 +109,7 @@ class DataCfg(_Section):
     interpolation: str = "bicubic"
     fast_transforms: bool = True  # train transform on uint8 tensors, same random draws as the reference (docs/data.md)
     reduced_decode: bool = True  # fast_transforms: JPEGs decoded at 1/2-1/8 size where the crop keeps >= img_size px
+    device_normalize: bool = False  # fast_transforms, no erasing: uint8 train batches, normalised on the device
     rrc_scale: tuple[float, ...] = (0.08, 1.0)  # RandomResizedCrop scale; (1.0, 1.0) with ratio 1 = plain resize
     rrc_ratio: tuple[float, ...] = (3 / 4, 4 / 3)
     hflip: float = 0.5

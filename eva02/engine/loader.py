@@ -55,9 +55,46 @@ def eval_loader(val: Dataset, cfg: RunConfig, batch_size: int, rank: int, world:
                       collate_fn=collate)  # fmt: skip
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The batch's tensors on `device` (asynchronous copies from pinned memory); other values as they are."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+class DeviceNormalize:
+    """A batch's uint8 'images' (B, 3, H, W) (`fast_transforms.train_transform_for` with `data.device_normalize`)
+    -> float images in `dtype`: (x / 255 - mean) / std computed as the fast train transform computes it on the CPU
+    (x * mul + add, float32 factors), then cast. Float images pass as they are."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype = torch.float32) -> None:
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.mul = 1.0 / (255.0 * std_t)
+        self.add = -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t
+        self.dtype = dtype
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # the factors, per device
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        x = batch.get("images")
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
+            return batch
+        factors = self._on.get(x.device)
+        if factors is None:
+            factors = self._on[x.device] = (self.mul.to(x.device), self.add.to(x.device))
+        mul, add = factors
+        out = x.to(torch.float32).mul_(mul).add_(add)
+        return {**batch, "images": out if self.dtype == torch.float32 else out.to(self.dtype)}
+
+
+def device_normalizer(cfg: RunConfig, model: torch.nn.Module) -> DeviceNormalize | None:
+    """The normalisation of uint8 train batches after `to_device` (`data.device_normalize`), into the dtype of
+    the model's floating-point parameters; None when the loader gives normalised images."""
+    if not cfg.data.device_normalize:
+        return None
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return DeviceNormalize(tuple(cfg.data.mean), tuple(cfg.data.std), dtype)
+
+
+def to_device(
+    batch: dict[str, Any], device: torch.device, normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The batch's tensors on `device` (asynchronous copies from pinned memory); other values as they are. With
+    `normalize` (a `DeviceNormalize`), uint8 images are normalised there."""
+    out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return normalize(out) if normalize is not None else out
 
 
 def step_seed(seed: int, rank: int, step: int, micro: int) -> int:

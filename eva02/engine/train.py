@@ -24,7 +24,7 @@ from eva02.engine.checkpointer import COUNTERS, Checkpointer, TrainingError
 from eva02.engine.config import RunConfig, save_config
 from eva02.engine.dist import DistInfo, all_reduce_sum, init_distributed
 from eva02.engine.ema import ModelEma
-from eva02.engine.loader import make_loader, step_seed, to_device, train_sampler
+from eva02.engine.loader import device_normalizer, make_loader, step_seed, to_device, train_sampler
 from eva02.engine.optim import build_optimizer
 from eva02.engine.parallel import no_grad_sync, parallelize, unwrap
 from eva02.engine.runlog import Progress, RunLog
@@ -113,6 +113,7 @@ class Trainer:
         )
         self.amp = autocast_dtype(t.amp)
         model = self.task.build_model(cfg)
+        self.device_norm = device_normalizer(cfg, model)  # data.device_normalize: uint8 batches normalised there
         self.loss_fn = self.task.build_loss(cfg).to(info.device)
         fsdp_mp = self.amp if t.parallel == "fsdp" else None
         self.model = parallelize(
@@ -166,7 +167,7 @@ class Trainer:
                 raise TrainingError("every image of a batch failed to load; check the dataset files")
             n = batch["images"].shape[0]
             with no_grad_sync(self.model, micro == self.accum - 1), autocast(device.type, self.amp):
-                loss = self.loss_fn(self.model, to_device(batch, device))
+                loss = self.loss_fn(self.model, to_device(batch, device, self.device_norm))
             self.scaler.scale(loss / self.accum).backward()
             loss = loss.detach().double()
             stats[0] += loss * n

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from eva02.data.datasets import ImageDataset, build_dataset, split_bad
 from eva02.data.hf import hf_dataset
@@ -135,9 +135,10 @@ def collate_masked(items: list) -> dict[str, Any]:
     if not good:
         return {"images": None, "mask": None, "index": None, "bad": bad}
     views, _, index = zip(*good, strict=True)
+    images, mask = default_collate(list(views))  # in a DataLoader worker: stacked into shared memory, as `collate`
     return {
-        "images": torch.stack([v[0] for v in views]),
-        "mask": torch.stack([v[1] for v in views]),
+        "images": images,
+        "mask": mask,
         "index": torch.as_tensor(index, dtype=torch.long),
         "bad": bad,
     }
@@ -231,9 +232,9 @@ class MimTask:
         return mim
 
     def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, None]:
-        from eva02.data.train_transforms import train_transform_from  # torchvision: loaded with the data only
+        from eva02.data.fast_transforms import train_transform_for  # torchvision: loaded with the data only
 
-        tt = train_transform_from(cfg.data, cfg.model.img_size)
+        tt = train_transform_for(cfg.data, cfg.model.img_size)
         return build_mim_dataset(cfg, MaskedView(tt, self.masks(cfg))), None
 
     def collate(self, items: list) -> dict[str, Any]:
