@@ -11,7 +11,9 @@ Runs ours and timm side by side on the same GPU in one process (timm is the refe
   call against the wall time per call, ours with out-of-place residual sums as an A/B, and the code
   inductor generates for 2-block models of both (files beside the JSON);
 - compiled bf16 inference of the remaining sizes (tiny, large), ours vs timm, while `BUDGET_S` (seconds
-  since start, default unlimited) allows: compilations cost device time.
+  since start, default unlimited) allows: compilations cost device time;
+- the EVA-02-CLIP inference shortcuts against full forwards (fp32, bf16) and uint8 batches normalised on
+  the device against the CPU's normalisation.
 Writes a JSON file (argument 1, default gpu_results.json). Usage: python benchmarks/gpu_check.py OUT.json
 `SECTIONS=small_compiled_profile,compiled_rest` runs only the named sections, in that order.
 
@@ -428,6 +430,45 @@ def check_fsdp2():
         dist.destroy_process_group()
 
 
+@section("clip_and_input_paths")
+def check_clip_and_input():
+    """The inference shortcuts of the CLIP towers (class token alone in the last image block; text cut
+    after the last end-of-text token) against full forwards, fp32 and bf16 weights; a uint8 batch
+    normalised on the device (`data.device_normalize`) against the CPU's normalisation."""
+    from eva02.engine.loader import DeviceNormalize
+    from eva02.model import fast
+    from eva02.model.clip import CLIP_VARIANTS, Eva02Clip
+
+    out = {}
+    torch.manual_seed(0)
+    model = Eva02Clip(CLIP_VARIANTS["test" if DRY else "B-16"]).to(DEV).eval()
+    n, ctx = model.cfg.vision.img_size, model.cfg.text.context_length
+    x = torch.randn(batch(8), 3, n, n, device=DEV)
+    ids = torch.zeros(batch(8), ctx, dtype=torch.long, device=DEV)
+    for i in range(ids.shape[0]):  # texts of 3..ctx tokens, end-of-text (highest id) last
+        k = 3 + (i * 7) % (ctx - 3)
+        ids[i, : k - 1] = torch.randint(1, model.cfg.text.vocab_size - 1, (k - 1,), device=DEV)
+        ids[i, k - 1] = model.cfg.text.vocab_size - 1
+    for dtype in (torch.float32, torch.bfloat16):
+        m = model.to(dtype)
+        with torch.inference_mode():
+            short = m.encode_image(x.to(dtype)).float()
+            with fast.use(None):
+                full = m.encode_image(x.to(dtype)).float()
+            t_short = m.encode_text(ids).float()
+            tokens = m.text.forward_tokens(ids)
+            t_full = (tokens[torch.arange(ids.shape[0], device=DEV), ids.argmax(-1)] @ m.text.proj).float()
+        tag = str(dtype).split(".")[-1]
+        out[f"image_{tag}_max_abs"] = (short - full).abs().max().item()
+        out[f"text_{tag}_max_abs"] = (t_short - t_full).abs().max().item()
+    u8 = torch.randint(0, 256, (batch(8), 3, 64, 64), dtype=torch.uint8)
+    norm = DeviceNormalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    on_cpu = norm({"images": u8})["images"]
+    on_dev = norm({"images": u8.to(DEV)})["images"].cpu()
+    out["device_normalize_max_abs"] = (on_cpu - on_dev).abs().max().item()
+    return out
+
+
 SECTIONS = {
     "parity": lambda peak: check_parity(),
     "train_grad_parity": lambda peak: check_train_grads(),
@@ -438,6 +479,7 @@ SECTIONS = {
     "small_floor": lambda peak: floor_small(),
     "small_compiled_profile": lambda peak: profile_small_compiled(),
     "compiled_rest": bench_compiled_rest,
+    "clip_and_input": lambda peak: check_clip_and_input(),
 }
 
 
