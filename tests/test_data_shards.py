@@ -210,9 +210,6 @@ def test_two_processes_on_shards_killed_then_resumed_in_one_process(digits, tmp_
     """torchrun with 2 ranks and 2 DataLoader workers each reads the shards; SIGKILL after step 3; the
     resume in 1 process ends where the uninterrupted 1-process run ends (float tolerance: no drop path,
     no mixup, whose seeds are per process)."""
-    import contextlib
-    import os
-    import signal
     import socket
     import subprocess
     import sys
@@ -238,7 +235,24 @@ def test_two_processes_on_shards_killed_then_resumed_in_one_process(digits, tmp_
     while not (killed / "checkpoints" / "step_00000003.pt").exists() and proc.poll() is None:
         assert time.time() < deadline, (tmp_path / "killed.log").read_text()[-2000:]
         time.sleep(0.01)
-    tree = _descendants(proc.pid)  # the ranks and their DataLoader workers
+    sigkill_tree(proc, deadline)  # the ranks and their DataLoader workers
+    assert not (killed / "final.safetensors").exists(), "the run ended before it was killed"
+    assert main(["train", str(cfg), "--work-dir", str(killed), "--resume", "auto", *data]) == 0
+    w1, w2 = load_file(tmp_path / "one" / "final.safetensors"), load_file(killed / "final.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=1e-4)
+
+
+def sigkill_tree(proc, deadline: float) -> None:
+    """SIGKILL `proc` and every process below it at once (no process left to clean up after the others),
+    then wait until none of them runs any more (before `deadline`, a time.time() value)."""
+    import contextlib
+    import os
+    import signal
+    import time
+
+    tree = _descendants(proc.pid)
     for pid in [proc.pid, *tree]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -246,12 +260,6 @@ def test_two_processes_on_shards_killed_then_resumed_in_one_process(digits, tmp_
     while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in tree):
         assert time.time() < deadline, "processes of the killed run stay alive"
         time.sleep(0.05)
-    assert not (killed / "final.safetensors").exists(), "the run ended before it was killed"
-    assert main(["train", str(cfg), "--work-dir", str(killed), "--resume", "auto", *data]) == 0
-    w1, w2 = load_file(tmp_path / "one" / "final.safetensors"), load_file(killed / "final.safetensors")
-    assert w1.keys() == w2.keys()
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=1e-4)
 
 
 def _state(pid: int) -> str:

@@ -358,15 +358,12 @@ def test_two_streaming_processes_killed_then_resumed_end_with_the_uninterrupted_
     """torchrun with 2 ranks and 2 DataLoader workers each streams the shards over HTTP; SIGKILL after the
     checkpoint of step 4 (mid-epoch); resumed with 2 ranks, the run ends with the uninterrupted run's
     weights, bit for bit (drop path and RandAugment on)."""
-    import contextlib
-    import os
-    import signal
     import socket
     import subprocess
     import sys
     import time
 
-    from test_data_shards import _descendants, _state
+    from test_data_shards import sigkill_tree
 
     cfg = tmp_path / "cfg.py"
     cfg.write_text(config_text(digits["data"], epochs=3, batch=4, global_batch=16, randaug=2, drop_path=0.1,
@@ -391,14 +388,7 @@ def test_two_streaming_processes_killed_then_resumed_end_with_the_uninterrupted_
     while not (killed / "checkpoints" / "step_00000004.pt").exists() and proc.poll() is None:
         assert time.time() < deadline, Path(f"{killed}.log").read_text()[-2000:]
         time.sleep(0.01)
-    tree = _descendants(proc.pid)  # the ranks, their DataLoader workers and the workers' curl processes
-    for pid in [proc.pid, *tree]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in tree):
-        assert time.time() < deadline, "processes of the killed run stay alive"
-        time.sleep(0.05)
+    sigkill_tree(proc, deadline)  # the ranks, their DataLoader workers and the workers' curl processes
     assert not (killed / "final.safetensors").exists(), "the run ended before it was killed"
     assert torchrun(killed, "--resume", "auto").wait(timeout=600) == 0, Path(f"{killed}.log").read_text()[-2000:]
     w1, w2 = load_file(one / "final.safetensors"), load_file(killed / "final.safetensors")
