@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 
 def pytest_configure(config) -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
@@ -18,3 +20,16 @@ def pytest_configure(config) -> None:
         from eva02.threads import usable_cores
 
         torch.set_num_threads(max(1, usable_cores() // workers))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (then the number before): for tiny tensors, and on a busy machine,
+    where a second OpenMP worker spins waiting for a core (eva02/threads.py). Modules take it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

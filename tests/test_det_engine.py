@@ -30,14 +30,7 @@ from eva02.model.vit import Eva02  # noqa: E402
 from eva02.weights.convert import from_ours  # noqa: E402
 from eva02.weights.load import save_checkpoint  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two OpenMP workers spin for each other (eva02/threads.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def det_run(root: Path, **changes) -> RunConfig:

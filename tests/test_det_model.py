@@ -12,14 +12,7 @@ from eva02.model.config import VARIANTS, dense_config
 from eva02.model.dense import LayerNorm2d
 from eva02.model.detect import DetectorConfig, Eva02MaskRCNN
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two OpenMP workers spin for each other (eva02/threads.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_detector(masks: bool = True, img: int = 128, seed: int = 0) -> Eva02MaskRCNN:

@@ -39,13 +39,7 @@ FORMS = [
 TOL = dict(rtol=1e-9, atol=1e-9)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: on a busy machine, waking a second thread costs more than their work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def random_model(layout: str, **kw) -> Eva02:

@@ -199,9 +199,7 @@ class SegmentTask:
     def evaluate(
         self, cfg: RunConfig, model: nn.Module, loader: Any, device: torch.device, amp: torch.dtype | None
     ) -> dict[str, Any]:
-        s = cfg.seg
-        return evaluate_segmentor(model, loader, device, cfg.model.num_classes, amp, None, cfg.model.img_size,
-                                  s.stride, s.test_scales, s.test_flip)  # fmt: skip
+        return _evaluate(cfg, model, loader, device, amp)
 
     def export_model(self, cfg: RunConfig, state_dict: dict[str, torch.Tensor]) -> nn.Module:
         model = Segmentor(segmentor_config(cfg))
@@ -216,7 +214,12 @@ def evaluate_checkpoint(
     model = load_segmentor(cfg, checkpoint, use_ema).to(info.device)
     val = val_dataset(cfg)
     loader = eval_loader(val, cfg, batch_size, info.rank, info.world_size, collate_seg)
+    return _evaluate(cfg, model, loader, info.device, amp, len(val)), val.classes
+
+
+def _evaluate(cfg: RunConfig, model: nn.Module, loader: Any, device: torch.device, amp: torch.dtype | None,
+              n_total: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """mIoU / mAcc / aAcc with the config's test settings (sliding windows of model.img_size, scales, flip)."""
     s = cfg.seg
-    metrics = evaluate_segmentor(model, loader, info.device, cfg.model.num_classes, amp, len(val),
-                                 cfg.model.img_size, s.stride, s.test_scales, s.test_flip)  # fmt: skip
-    return metrics, val.classes
+    return evaluate_segmentor(model, loader, device, cfg.model.num_classes, amp, n_total, cfg.model.img_size,
+                              s.stride, s.test_scales, s.test_flip)  # fmt: skip
