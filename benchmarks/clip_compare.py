@@ -8,6 +8,7 @@ alternating rounds under `torch.inference_mode`, subnormal floats flushed to zer
 
     python benchmarks/clip_compare.py --threads 2 --rounds 7
     python benchmarks/clip_compare.py --models EVA02-L-14 --batch 8 --text-batch 64
+    python benchmarks/clip_compare.py --batch 1 4 16 --kinds image   # image encoding at three batch sizes
 """
 
 from __future__ import annotations
@@ -42,42 +43,41 @@ def build_pair(name: str) -> tuple[torch.nn.Module, Eva02Clip]:
     return ref, ours.eval()
 
 
-def measure(name: str, batch: int, text_batch: int, rounds: int, warmup: int) -> dict:
+def measure(name: str, batches: list[int], text_batch: int, rounds: int, warmup: int, kinds: list[str]) -> dict:
     ref, ours = build_pair(name)
     n = ours.cfg.vision.img_size
-    x = torch.randn(batch, 3, n, n)
+    xs = {b: torch.randn(b, 3, n, n) for b in batches}
     words = "a photo of a small red car parked next to a tall building on a sunny day in the city " * 4
     ids = tokenize([words] * text_batch)  # full 77-token texts
     # Zero-shot prompts as a classifier head is built from them: ImageNet's templates with its class names.
     names = imagenet_classnames()
     templates = imagenet_templates()
     prompts = tokenize([templates[i % len(templates)].format(names[(7 * i) % len(names)]) for i in range(text_batch)])
+    runs = {}  # (kind label, items per call) -> (ours, open_clip, timing)
+    errors = {}
     with torch.inference_mode():
-        err_img = (ours.encode_image(x) - ref.encode_image(x)).abs().max().item()
-        err_txt = (ours.encode_text(ids) - ref.encode_text(ids)).abs().max().item()
-        err_prompt = (ours.encode_text(prompts) - ref.encode_text(prompts)).abs().max().item()
-        image = bench.time_interleaved(
-            {"ours": lambda: ours.encode_image(x), "open_clip": lambda: ref.encode_image(x)}, rounds, warmup
-        )
-        text = bench.time_interleaved(
-            {"ours": lambda: ours.encode_text(ids), "open_clip": lambda: ref.encode_text(ids)}, rounds, warmup
-        )
-        prompt = bench.time_interleaved(
-            {"ours": lambda: ours.encode_text(prompts), "open_clip": lambda: ref.encode_text(prompts)}, rounds, warmup
-        )
-    out = {
-        "model": name,
-        "batch": batch,
-        "text_batch": text_batch,
-        "max_abs_diff": {"image": err_img, "text": err_txt, "prompts": err_prompt},
-    }
-    for kind, times, per in (("image", image, batch), ("text", text, text_batch), ("prompts", prompt, text_batch)):
+        if "image" in kinds:
+            for b, x in xs.items():
+                errors[f"image@{b}"] = (ours.encode_image(x) - ref.encode_image(x)).abs().max().item()
+                fns = {"ours": lambda x=x: ours.encode_image(x), "open_clip": lambda x=x: ref.encode_image(x)}
+                runs[("image" if len(xs) == 1 else f"image@{b}", b)] = bench.time_interleaved(fns, rounds, warmup)
+        for kind, tok in (("text", ids), ("prompts", prompts)):
+            if kind in kinds:
+                errors[kind] = (ours.encode_text(tok) - ref.encode_text(tok)).abs().max().item()
+                fns = {"ours": lambda t=tok: ours.encode_text(t), "open_clip": lambda t=tok: ref.encode_text(t)}
+                runs[(kind, text_batch)] = bench.time_interleaved(fns, rounds, warmup)
+    out = {"model": name, "batch": batches, "text_batch": text_batch, "max_abs_diff": errors, "kinds": []}
+    for (kind, per), times in runs.items():
         med = {k: statistics.median(v) for k, v in times.items()}
+        out["kinds"].append(kind)
         out[kind] = {
+            "items_per_call": per,
             "per_s": {k: per / t for k, t in med.items()},
             "median_s": med,
             "all_s": times,
             "ratio": med["open_clip"] / med["ours"],  # > 1: ours is faster
+            "round_ratios": [o / u for o, u in zip(times["open_clip"], times["ours"], strict=True)],
+            "max_abs_diff": errors[kind if not kind.startswith("image") else f"image@{per}"],
         }
     return out
 
@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["EVA02-B-16", "EVA02-L-14"], choices=list(VARIANT_OF))
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--batch", type=int, default=8, help="images per encode_image call (8)")
+    p.add_argument("--batch", type=int, nargs="+", default=[8], help="images per encode_image call (8); several: each")
     p.add_argument("--text-batch", type=int, default=64, help="texts per encode_text call (64)")
+    p.add_argument("--kinds", nargs="+", default=["image", "text", "prompts"], choices=["image", "text", "prompts"])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "clip_compare.json"))
@@ -97,17 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     # slower; trained weights do not. Flushing them to zero (both models alike) keeps the timing about
     # the code: without it open_clip's B/16 ran 4x slower here on one run, ours 1.4x.
     torch.set_flush_denormal(True)
-    results = [measure(m, args.batch, args.text_batch, args.rounds, args.warmup) for m in args.models]
+    results = [measure(m, args.batch, args.text_batch, args.rounds, args.warmup, args.kinds) for m in args.models]
     report = {"machine": bench.machine_info(), "threads": args.threads, "rounds": args.rounds, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'model':<16} {'kind':<7} {'ours/s':>9} {'open_clip/s':>12} {'ratio':>6}  max |diff|")
+    print(f"{'model':<16} {'kind':<9} {'ours/s':>9} {'open_clip/s':>12} {'ratio':>6}  max |diff|")
     for r in results:
-        for kind in ("image", "text", "prompts"):
+        for kind in r["kinds"]:
             e = r[kind]
             print(
-                f"{r['model']:<16} {kind:<7} {e['per_s']['ours']:>9.2f} {e['per_s']['open_clip']:>12.2f} "
-                f"{e['ratio']:>5.2f}x  {r['max_abs_diff'][kind]:.2e}"
+                f"{r['model']:<16} {kind:<9} {e['per_s']['ours']:>9.2f} {e['per_s']['open_clip']:>12.2f} "
+                f"{e['ratio']:>5.2f}x  {e['max_abs_diff']:.2e}  rounds: "
+                + " ".join(f"{q:.2f}" for q in e["round_ratios"])
             )
     print(f"results: {args.out}", file=sys.stderr)
     return 0
