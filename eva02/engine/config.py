@@ -110,6 +110,9 @@ class DataCfg(_Section):
     fast_transforms: bool = True  # train transform on uint8 tensors, same random draws as the reference (docs/data.md)
     reduced_decode: bool = True  # fast_transforms: JPEGs decoded at 1/2-1/8 size where the crop keeps >= img_size px
     device_normalize: bool = False  # fast_transforms, no erasing: uint8 train batches, normalised on the device
+    # fast_transforms, no RandAugment, no erasing: train JPEGs decoded, cropped and normalised on the device (nvJPEG
+    # on a GPU), other images in the workers (docs/data.md); includes device_normalize's step
+    decode_on_device: bool = False
     rrc_scale: tuple[float, ...] = (0.08, 1.0)  # RandomResizedCrop scale; (1.0, 1.0) with ratio 1 = plain resize
     rrc_ratio: tuple[float, ...] = (3 / 4, 4 / 3)
     hflip: float = 0.5
