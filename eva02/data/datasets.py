@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler, default_collate
+from torch.utils.data import Dataset, Sampler
 
+from eva02.data.device_decode import stack_images
 from eva02.data.images import IMAGE_EXTENSIONS, ImageError, deferred_jpeg_decoding, load_image
 
 
@@ -252,8 +253,9 @@ def collate(items: list) -> dict:
     imgs, targets, index = zip(*good, strict=True)
     return {
         # default_collate stacks the images as torch.stack does, but in a DataLoader worker straight into the
-        # shared memory the batch travels through to the main process: one copy of the largest tensor saved
-        "images": default_collate(list(imgs)),
+        # shared memory the batch travels through to the main process: one copy of the largest tensor saved;
+        # JPEGs left to the device (`device_decode.EncodedCrop`) are packed for it instead
+        "images": stack_images(imgs),
         "targets": torch.as_tensor(targets, dtype=torch.long),
         "index": torch.as_tensor(index, dtype=torch.long),
         "bad": bad,

@@ -201,6 +201,13 @@ CROSS_RULES: list[tuple[str, Callable[[RunConfig], bool], str]] = [
      "False with data.fast_transforms={cfg.data.fast_transforms}, data.reprob={cfg.data.reprob}, "
      "train.task={cfg.train.task!r} (uint8 batches come from the fast train transform without random erasing, "
      "for classify and mim)"),
+    ("data.decode_on_device", lambda c: not c.data.decode_on_device or (c.data.fast_transforms and c.data.randaug_n == 0
+                                                                         and c.data.reprob == 0
+                                                                         and c.train.task in ("classify", "mim")),
+     "False with data.fast_transforms={cfg.data.fast_transforms}, data.randaug_n={cfg.data.randaug_n}, "
+     "data.reprob={cfg.data.reprob}, train.task={cfg.train.task!r} (JPEGs are decoded on the device for the fast "
+     "train transform, data.fast_transforms=true, with neither RandAugment nor random erasing, which run per image "
+     "on the CPU: set data.randaug_n=0 and data.reprob=0; classify and mim only)"),
 ]  # fmt: skip
 
 

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from eva02.data.datasets import TrainSampler
+from eva02.data.device_decode import EncodedBatch, decode_batch
 from eva02.data.train_transforms import seed_worker
 
 if TYPE_CHECKING:
@@ -56,7 +57,8 @@ def eval_loader(val: Dataset, cfg: RunConfig, batch_size: int, rank: int, world:
 
 
 class DeviceNormalize:
-    """A batch's uint8 'images' (B, 3, H, W) (`fast_transforms.train_transform_for` with `data.device_normalize`)
+    """A batch's uint8 'images' (B, 3, H, W) (`fast_transforms.train_transform_for` with `data.device_normalize`),
+    or its JPEGs to decode there (an `EncodedBatch`, `data.decode_on_device`: `device_decode.decode_batch`)
     -> float images in `dtype`: (x / 255 - mean) / std computed as the fast train transform computes it on the CPU
     (x * mul + add, float32 factors), then cast. Float images pass as they are."""
 
@@ -69,20 +71,25 @@ class DeviceNormalize:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         x = batch.get("images")
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
+        if isinstance(x, EncodedBatch):
+            x = decode_batch(x)  # float32 of whole values 0..255, as the uint8 images converted below
+        elif isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
+            x = x.to(torch.float32)
+        else:
             return batch
         factors = self._on.get(x.device)
         if factors is None:
             factors = self._on[x.device] = (self.mul.to(x.device), self.add.to(x.device))
         mul, add = factors
-        out = x.to(torch.float32).mul_(mul).add_(add)
+        out = x.mul_(mul).add_(add)
         return {**batch, "images": out if self.dtype == torch.float32 else out.to(self.dtype)}
 
 
 def device_normalizer(cfg: RunConfig, model: torch.nn.Module) -> DeviceNormalize | None:
-    """The normalisation of uint8 train batches after `to_device` (`data.device_normalize`), into the dtype of
-    the model's floating-point parameters; None when the loader gives normalised images."""
-    if not cfg.data.device_normalize:
+    """The step after `to_device` that turns uint8 train batches (`data.device_normalize`) or their JPEGs
+    (`data.decode_on_device`) into normalised images, in the dtype of the model's floating-point parameters;
+    None when the loader gives normalised images."""
+    if not (cfg.data.device_normalize or cfg.data.decode_on_device):
         return None
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return DeviceNormalize(tuple(cfg.data.mean), tuple(cfg.data.std), dtype)
@@ -91,9 +98,11 @@ def device_normalizer(cfg: RunConfig, model: torch.nn.Module) -> DeviceNormalize
 def to_device(
     batch: dict[str, Any], device: torch.device, normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 ) -> dict[str, Any]:
-    """The batch's tensors on `device` (asynchronous copies from pinned memory); other values as they are. With
-    `normalize` (a `DeviceNormalize`), uint8 images are normalised there."""
-    out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's tensors on `device` (asynchronous copies from pinned memory), an `EncodedBatch` bound to it;
+    other values as they are. With `normalize` (a `DeviceNormalize`), uint8 images are normalised there and
+    JPEGs decoded there."""
+    moved = (torch.Tensor, EncodedBatch)
+    out = {k: v.to(device, non_blocking=True) if isinstance(v, moved) else v for k, v in batch.items()}
     return normalize(out) if normalize is not None else out
 
 

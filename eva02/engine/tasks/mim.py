@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from eva02.data.datasets import ImageDataset, build_dataset, split_bad
+from eva02.data.device_decode import stack_images
 from eva02.data.hf import hf_dataset
 from eva02.data.images import iter_image_paths
 from eva02.data.masking import BlockMaskGenerator
@@ -135,10 +136,11 @@ def collate_masked(items: list) -> dict[str, Any]:
     if not good:
         return {"images": None, "mask": None, "index": None, "bad": bad}
     views, _, index = zip(*good, strict=True)
-    images, mask = default_collate(list(views))  # in a DataLoader worker: stacked into shared memory, as `collate`
+    images, masks = zip(*views, strict=True)
     return {
-        "images": images,
-        "mask": mask,
+        # in a DataLoader worker: stacked into shared memory, as `collate` (JPEGs left to the device: packed)
+        "images": stack_images(images),
+        "mask": default_collate(list(masks)),
         "index": torch.as_tensor(index, dtype=torch.long),
         "bad": bad,
     }
@@ -232,9 +234,9 @@ class MimTask:
         return mim
 
     def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, None]:
-        from eva02.data.fast_transforms import train_transform_for  # torchvision: loaded with the data only
+        from eva02.data.device_decode import run_train_transform  # torchvision: loaded with the data only
 
-        tt = train_transform_for(cfg.data, cfg.model.img_size)
+        tt = run_train_transform(cfg.data, cfg.model.img_size)
         return build_mim_dataset(cfg, MaskedView(tt, self.masks(cfg))), None
 
     def collate(self, items: list) -> dict[str, Any]:
