@@ -4,9 +4,9 @@ the DataLoader workers, the pixels are made where the model runs.
 - `DeviceDecodeTransform` (in a worker) reads a JPEG's header only, draws the crop box and the flip with the
   random draws of `fast_transforms.FastTrainTransform`, in the same order (`plan`, then the flip of `finish`), and
   gives the file's bytes with that plan (`EncodedCrop`). What the device decoder does not take (PNG, WebP and
-  other formats, CMYK or grayscale JPEGs, JPEGs with an EXIF rotation, a file without its end marker: most
-  often a truncated one) is decoded there by the fast transform's CPU path, as ready uint8 pixels, and fails
-  there as any unreadable image does;
+  other formats, CMYK or grayscale JPEGs, JPEGs with an EXIF rotation, a file without its scan or end marker:
+  most often a truncated one) is decoded there by the fast transform's CPU path, as ready uint8 pixels, and
+  fails there as any unreadable image does;
 - `stack_images` (in the collate) stacks plain image tensors as `default_collate` does, and packs a batch holding
   `EncodedCrop`s as an `EncodedBatch`: all its JPEGs' bytes end to end in one tensor (one shared-memory segment
   from a worker and one pinned buffer, not one per image), the plans, and the ready pixels stacked;
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from eva02.engine.config import DataCfg
 
 JPEG_END = b"\xff\xd9"  # the EOI marker a complete JPEG ends with
+JPEG_SCAN = b"\xff\xda"  # the SOS marker before the image data
 DECODE_BYTES = 2**30  # decoded pixels (bytes) held at once on the device: larger batches decode in parts
 
 
@@ -64,12 +65,15 @@ class EncodedCrop:
 
 
 def device_decodable(img: Any) -> bool:
-    """Whether `img` is a JPEG for the device decoder: 3-component colour, no EXIF rotation, complete."""
+    """Whether `img` is a JPEG for the device decoder: 3-component colour, no EXIF rotation, and by its markers
+    complete. A file with no scan or no end marker (truncated, or data after it) is left to the CPU path, which
+    skips it as unreadable where it is (the loop cannot drop a sample after it has counted the batch)."""
     return (
         isinstance(img, EncodedImage)
         and img.img.mode == "RGB"
         and img.orientation == 1
-        and img.data[-2:] == JPEG_END  # no end marker (truncated, or data after it): the CPU path decides
+        and img.data[-2:] == JPEG_END
+        and JPEG_SCAN in img.data
     )
 
 
