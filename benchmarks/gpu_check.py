@@ -13,7 +13,9 @@ Runs ours and timm side by side on the same GPU in one process (timm is the refe
 - compiled bf16 inference of the remaining sizes (tiny, large), ours vs timm, while `BUDGET_S` (seconds
   since start, default unlimited) allows: compilations cost device time;
 - the EVA-02-CLIP inference shortcuts against full forwards (fp32, bf16) and uint8 batches normalised on
-  the device against the CPU's normalisation.
+  the device against the CPU's normalisation;
+- train JPEGs decoded on the device (`data.decode_on_device`, nvJPEG) against the workers' CPU decoding: time
+  per batch, worker CPU time per image either way, pixel differences.
 Writes a JSON file (argument 1, default gpu_results.json). Usage: python benchmarks/gpu_check.py OUT.json
 `SECTIONS=small_compiled_profile,compiled_rest` runs only the named sections, in that order.
 
@@ -469,6 +471,76 @@ def check_clip_and_input():
     return out
 
 
+@section("decode_on_device")
+def bench_decode_on_device():
+    """`data.decode_on_device`: a batch of ImageNet-sized JPEGs decoded (one batched nvJPEG call), cropped, resized
+    and normalised on the device, against the workers' CPU path (the fast transform, one thread as in a
+    DataLoader worker), and what a worker still does (header, crop and flip draws, packing); the device's pixels
+    against the same plans decoded on the CPU (libjpeg-turbo)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from eva02.data.device_decode import DeviceDecodeTransform, decode_batch, stack_images
+    from eva02.data.fast_transforms import FastTrainTransform
+    from eva02.data.images import decode_image, deferred_jpeg_decoding
+    from eva02.engine.loader import DeviceNormalize
+
+    n, size, (h, w) = (8, 32, (90, 120)) if DRY else (256, 224, (375, 500))
+    y, x = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(n):  # waves and grain: JPEGs of a photo's size (~50-100 kB at 500x375)
+        waves = [128 + 90 * np.sin(x / (5 + i % 7) + i), 128 + 90 * np.cos(y / (4 + i % 5)), (x + y + 9 * i) % 256]
+        a = np.stack(waves, -1)
+        a = np.clip(a + rng.normal(0, 12, a.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "JPEG", quality=90)
+        files.append(buf.getvalue())
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    kw = dict(mean=mean, std=std, randaug_n=0)
+
+    def worker(tf) -> tuple[list, float]:  # (outputs, CPU seconds per image) of one worker thread
+        out, t0 = [], time.process_time()
+        for i, data in enumerate(files):
+            torch.manual_seed(i)
+            with deferred_jpeg_decoding():
+                img = decode_image(data, f"bench_{i}.jpg")
+            out.append(tf(img))
+        stack_images(out)  # the worker's collate
+        return out, (time.process_time() - t0) / n
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, cpu_full = worker(FastTrainTransform(size, normalize=False, **kw))
+        _, cpu_full_noreduce = worker(FastTrainTransform(size, normalize=False, reduced_decode=False, **kw))
+        items, cpu_plan = worker(DeviceDecodeTransform(FastTrainTransform(size, **kw)))
+    finally:
+        torch.set_num_threads(threads)
+    batch = stack_images(items)
+    host = batch if DRY else batch.pin_memory()
+    norm = DeviceNormalize(mean, std, torch.bfloat16)
+    t_dev = timed(lambda: norm({"images": host.to(DEV, non_blocking=True)})["images"], 2 if DRY else 10)
+    if not DRY:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    got = decode_batch(host.to(DEV)).cpu()
+    peak = 0 if DRY else (torch.cuda.max_memory_allocated() - before) / 2**20
+    diff = (got - decode_batch(batch)).abs()
+    return {
+        "images": n, "jpeg_kb_mean": sum(map(len, files)) / n / 1024, "size": size, "source_hw": [h, w],
+        "worker_cpu_ms_per_image_fast_transform": cpu_full * 1e3,
+        "worker_cpu_ms_per_image_fast_full_size_decode": cpu_full_noreduce * 1e3,
+        "worker_cpu_ms_per_image_decode_on_device": cpu_plan * 1e3,
+        "device_ms_per_batch": t_dev * 1e3, "device_img_s": n / t_dev,
+        "worker_cores_matching_the_device": (n / t_dev) * cpu_full,  # single-thread workers for the same img/s
+        "device_peak_mib": peak,
+        "pixels_vs_cpu_mean_abs": diff.mean().item(), "pixels_vs_cpu_max_abs": diff.max().item(),
+    }  # fmt: skip
+
+
 SECTIONS = {
     "parity": lambda peak: check_parity(),
     "train_grad_parity": lambda peak: check_train_grads(),
@@ -480,6 +552,7 @@ SECTIONS = {
     "small_compiled_profile": lambda peak: profile_small_compiled(),
     "compiled_rest": bench_compiled_rest,
     "clip_and_input": lambda peak: check_clip_and_input(),
+    "decode_on_device": lambda peak: bench_decode_on_device(),
 }
 
 

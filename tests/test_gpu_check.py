@@ -26,7 +26,7 @@ def test_gpu_check_rehearsal_on_cpu_runs_every_section(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     sections = {"parity", "train_grad_parity", "sdpa_flash", "inference_bf16", "train_bf16", "fsdp2",
-                "small_floor", "small_compiled_profile", "compiled_rest"}  # fmt: skip
+                "small_floor", "small_compiled_profile", "compiled_rest", "decode_on_device"}  # fmt: skip
     assert sections <= set(res)
     errors = {k: res[k]["trace"] for k in sections if "error" in res[k]}
     assert not errors, errors
@@ -41,3 +41,6 @@ def test_gpu_check_rehearsal_on_cpu_runs_every_section(tmp_path):
     assert (tmp_path / "ours_small_code.py").stat().st_size > 0 and (tmp_path / "timm_small_code.py").exists()
     assert set(res["inference_bf16"]) == {"tiny-336", "small-336", "base-448", "large-448"}
     assert res["small_floor"]["ours"]["floor_ms"] > 0 and res["small_floor"]["timm"]["kernels"]
+    dec = res["decode_on_device"]  # on the CPU both sides are libjpeg-turbo: the same pixels
+    assert dec["device_img_s"] > 0 and dec["worker_cpu_ms_per_image_decode_on_device"] > 0
+    assert dec["pixels_vs_cpu_max_abs"] == 0
