@@ -113,7 +113,7 @@ class Trainer:
         )
         self.amp = autocast_dtype(t.amp)
         model = self.task.build_model(cfg)
-        self.device_norm = device_normalizer(cfg, model)  # data.device_normalize: uint8 batches normalised there
+        self.device_norm = device_normalizer(cfg, model)  # uint8 batches normalised there, or JPEGs decoded there
         self.loss_fn = self.task.build_loss(cfg).to(info.device)
         fsdp_mp = self.amp if t.parallel == "fsdp" else None
         self.model = parallelize(
