@@ -278,6 +278,23 @@ def test_mim_views_keep_their_masks(jpeg_digits) -> None:
     assert_close_pixels(decode_batch(b["images"]), a["images"])
 
 
+def test_shards_hand_over_the_folders_jpegs_and_plans(jpeg_digits, tmp_path) -> None:
+    pytest.importorskip("webdataset")
+    from eva02.data.datasets import build_dataset, sample_seed
+    from eva02.data.shard_writer import scan_source, write_shards
+    from eva02.data.shards import shard_dataset
+
+    write_shards(scan_source(jpeg_digits["data"] / "train"), tmp_path / "shards", shard_size=20_000)
+    tf = DeviceDecodeTransform(FastTrainTransform(16, **KW))
+    shards = shard_dataset(str(tmp_path / "shards"), tf)
+    folders = build_dataset(str(jpeg_digits["data"]), "train", "", "", tf)
+    for i in (0, 11, 47):
+        key = (i, sample_seed(5, 2, i))
+        (a, la, _), (b, lb, _) = shards[key], folders[key]
+        assert isinstance(a, EncodedCrop) and la == lb and torch.equal(a.data, b.data)
+        assert a.plan.box == b.plan.box and a.plan.flip == b.plan.flip and a.plan.full == b.plan.full
+
+
 def test_config_allows_it_only_without_per_image_cpu_augmentation() -> None:
     ok = {"data.decode_on_device": "true", "data.randaug_n": "0"}
     assert override(RunConfig(), ok).data.decode_on_device is True
