@@ -42,9 +42,10 @@ class RandAugmentMstd(v2.RandAugment):
         super().__init__(num_ops=num_ops, magnitude=0, num_magnitude_bins=_BINS, interpolation=interpolation, fill=fill)
         self.level, self.mstd, self.prob = float(magnitude), float(mstd), float(prob)
 
-    def forward(self, *inputs):
-        flat, image = self._flatten_and_extract_image_or_video(inputs)
-        height, width = v2.functional.get_size(image)
+    def draw(self, height: int, width: int) -> list[tuple[str, float]]:
+        """The ops for one (height, width) image and their signed magnitudes, drawn from torch's generator:
+        per op, its choice, whether it applies, its magnitude, its sign (ops that do not apply are left out)."""
+        ops = []
         for _ in range(self.num_ops):
             op, (magnitudes_fn, signed) = self._get_random_item(self._AUGMENTATION_SPACE)
             if torch.rand(()) >= self.prob:
@@ -57,6 +58,13 @@ class RandAugmentMstd(v2.RandAugment):
                 magnitude = float(magnitudes[round(level * (_BINS - 1) / 10)])
                 if signed and torch.rand(()) <= 0.5:
                     magnitude = -magnitude
+            ops.append((op, magnitude))
+        return ops
+
+    def forward(self, *inputs):
+        flat, image = self._flatten_and_extract_image_or_video(inputs)
+        height, width = v2.functional.get_size(image)
+        for op, magnitude in self.draw(height, width):  # the ops draw nothing: drawing first keeps the order
             image = self.apply_op(image, op, magnitude)
         return self._unflatten_and_insert_image_or_video(flat, image)
 
