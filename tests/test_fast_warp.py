@@ -1,7 +1,7 @@
 """RandAugment's ops on uint8 tensors (`eva02.data.warp`, `fast_transforms.FastRandAugment`) against the
 reference's PIL ops (torchvision's RandAugment table on PIL images, bicubic, mean-colour fill): the same geometry
-and fill, the shears' pixels within 1 grey level of PIL's (a few in a million), the translations' equal, every
-other op PIL's own; and the reference's random draws."""
+and fill, the shears' pixels within 1 grey level of PIL's (a few in a million), the translations' and the
+sharpness' equal, every other op PIL's own; and the reference's random draws."""
 
 from __future__ import annotations
 
@@ -67,6 +67,26 @@ def test_shear_results_do_not_share_its_scratch_memory() -> None:
         warp.shear_coefficient("Rotate", 0.1)
 
 
+@pytest.mark.parametrize("op", ["ShearX", "ShearY"])
+def test_shears_of_tiny_images(op) -> None:
+    rng = np.random.default_rng(0)
+    for w, h in [(1, 1), (2, 3), (5, 1), (9, 4)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for magnitude in (-0.3, -0.1, 0.0, 0.2, 0.3):
+            got = warp.shear(hwc(img), op, magnitude, tuple(FILL)).numpy().astype(int)
+            assert np.abs(got - reference(img, op, magnitude)).max() <= 1, (w, h, magnitude)
+
+
+@pytest.mark.parametrize("size", [(120, 90), (7, 5), (3, 4), (2, 9)])
+def test_sharpness_is_pils_bit_for_bit(size) -> None:
+    img = photo(*size, "astronaut")
+    for magnitude in (-0.9, -0.45, 0.0, 0.37, 0.9):
+        got = warp.sharpness(hwc(img), 1.0 + magnitude).numpy()
+        np.testing.assert_array_equal(got, reference(img, "Sharpness", magnitude))
+    flipped = warp.sharpness(hwc(img).flip(1).transpose(0, 1), 1.5).numpy()  # any strides
+    np.testing.assert_array_equal(flipped, reference(img.transpose(Image.Transpose.ROTATE_90), "Sharpness", 0.5))
+
+
 @pytest.mark.parametrize("op", ["TranslateX", "TranslateY"])
 def test_translations_are_pils_bicubic_warp_bit_for_bit(op) -> None:
     img = photo(120, 90)
@@ -89,6 +109,7 @@ def test_every_op_is_the_references_op() -> None:
                 got = fast(hwc(img)).numpy().astype(int)
                 d = np.abs(got - reference(img, op, m))
                 assert d.max() <= (1 if op.startswith("Shear") else 0), (op, m)
+    assert isinstance(fast(hwc(img)), torch.Tensor)
 
 
 def expected_draws(space: dict, n: int, level: float, mstd: float, height: int, width: int) -> list:

@@ -13,8 +13,9 @@ steps:
   faster than PIL;
 - RandAugment keeps the image a uint8 tensor where it can (`FastRandAugment`): the shears run as 1-D
   cubic filters with PIL's kernel, geometry and fill (`warp`; 5-8x faster than PIL's generic warp, pixels
-  within 1 of PIL's, a few in a million off), the integer translations as slice copies (bit for bit);
-  rotations and the colour ops run in PIL as in the reference, the image converted only when one is drawn;
+  within 1 of PIL's, a few in a million off), the integer translations as slice copies and the sharpness as
+  PIL's filter and blend in float32 (both bit for bit); rotations and the colour ops run in PIL as in the
+  reference, the image converted only when one is drawn;
 - the uint8 -> float conversion and the normalisation are one copy and two in-place passes.
 
 A seed gives the reference's crop box, flip, RandAugment ops and erasing; the output differs from the
@@ -104,9 +105,10 @@ def decode_hwc(enc: EncodedImage) -> torch.Tensor:
 
 
 class FastRandAugment(RandAugmentMstd):
-    """`RandAugmentMstd` on uint8 (H, W, 3) tensors, with the reference's draws: the shears and translations
-    run on the tensor (`warp`: PIL's geometry and fill; the shears' pixels within 1 of PIL's, the translations'
-    equal), the other ops on a PIL image as in the reference; the image changes form only when an op needs it."""
+    """`RandAugmentMstd` on uint8 (H, W, 3) tensors, with the reference's draws: the shears, translations and
+    sharpness run on the tensor (`warp`: PIL's geometry, fill and rounding; the shears' pixels within 1 of PIL's,
+    the others' equal), the other ops on a PIL image as in the reference; the image changes form only when an op
+    needs it."""
 
     def __init__(self, *args: Any, fill: list[int], **kwargs: Any) -> None:
         super().__init__(*args, fill=fill, **kwargs)
@@ -117,10 +119,12 @@ class FastRandAugment(RandAugmentMstd):
         for op, magnitude in self.draw(hwc.shape[0], hwc.shape[1]):
             if op == "Identity":
                 continue
-            if op in ("ShearX", "ShearY", "TranslateX", "TranslateY"):
+            if op in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Sharpness"):
                 img = to_hwc(img) if isinstance(img, Image.Image) else img
                 if op.startswith("Shear"):
                     img = warp.shear(img, op, magnitude, self.fill_rgb)
+                elif op == "Sharpness":
+                    img = warp.sharpness(img, 1.0 + magnitude)  # torchvision's factor
                 else:
                     shift = int(magnitude)  # torchvision's whole pixels
                     img = warp.translate(img, shift * (op == "TranslateX"), shift * (op == "TranslateY"), self.fill_rgb)

@@ -1,5 +1,6 @@
-"""RandAugment's geometric ops on uint8 (H, W, 3) tensors, with the geometry, edge and fill rules of the PIL
-warps that torchvision runs for them on PIL images (`train_transforms.RandAugmentMstd`, the reference):
+"""RandAugment's shears, translations and sharpness on uint8 (H, W, 3) tensors, with the geometry, edge, fill
+and rounding rules of the PIL ops that torchvision runs for them on PIL images (`train_transforms.RandAugmentMstd`,
+the reference):
 
 - ShearX / ShearY: PIL's bicubic affine warp samples every output pixel on the input at
   (x + 0.5 + k (y + 0.5), y + 0.5) (ShearX; ShearY the same with the axes swapped). The vertical
@@ -9,9 +10,12 @@ warps that torchvision runs for them on PIL images (`train_transforms.RandAugmen
   sampling point lies outside the image given the fill. Here in float32 (PIL: float64): equal to PIL's pixels
   but where a value lies within float32 rounding of an integer, a few pixels in a million, which are 1 off;
 - TranslateX / TranslateY by an integer (torchvision truncates the magnitude): every sampling point is a
-  pixel centre, so the bicubic warp copies pixels; here a slice copy, bit for bit PIL's.
+  pixel centre, so the bicubic warp copies pixels; here a slice copy, bit for bit PIL's;
+- Sharpness: PIL's 3x3 SMOOTH filter and its blend, bit for bit.
 
-Rotate stays with PIL: a true 2-D warp (16 taps per pixel), which vectorised torch does not do much faster.
+Rotate stays with PIL: a true 2-D warp (16 taps per pixel, gathered per pixel), which numpy and torch
+gather and combine no faster than PIL does. Buffers are reused per thread (`scratch`): on fresh memory the
+page faults cost more than the arithmetic.
 Tests: tests/test_fast_warp.py.
 """
 
@@ -136,3 +140,25 @@ def translate(img: torch.Tensor, dx: int, dy: int, fill: tuple[int, ...]) -> tor
         out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = img[max(-dy, 0) : h - max(dy, 0),
                                                                             max(-dx, 0) : w - max(dx, 0)]  # fmt: skip
     return out
+
+
+def sharpness(img: torch.Tensor, factor: float) -> torch.Tensor:
+    """PIL's `ImageEnhance.Sharpness` of uint8 (H, W, C) `img` (RandAugment's Sharpness, factor 1 + magnitude),
+    bit for bit: the image blended with its SMOOTH-filtered self (3x3 weights 1, centre 5, over 13, rounded;
+    the border rows and columns kept), blend in float32 as PIL computes it, clipped, truncated."""
+    h, w, c = img.shape
+    f = scratch("sharp_img", (h, w * c), torch.float32)
+    f.view(h, w, c).copy_(img)
+    smooth = scratch("sharp_smooth", (h, w * c), torch.float32).copy_(f)
+    if h >= 3 and w >= 3:
+        rows = scratch("sharp_rows", (h, (w - 2) * c), torch.float32)
+        torch.add(f[:, : -2 * c], f[:, c:-c], out=rows).add_(f[:, 2 * c :])  # 1x3 sums
+        inner = smooth[1:-1, c:-c]
+        torch.add(rows[:-2], rows[1:-1], out=inner).add_(rows[2:])  # 3x3 sums
+        # (sum + 4 centre) / 13 is never within 1/26 of a half-integer: rounding it is exact in float32
+        inner.add_(f[1:-1, c:-c], alpha=4).mul_(1 / 13).add_(0.5).floor_()
+    alpha = torch.tensor(factor, dtype=torch.float32)  # PIL's blend takes a C float
+    out = torch.sub(f, smooth, out=f).mul_(alpha).add_(smooth).clamp_(0, 255)  # smooth + alpha (img - smooth)
+    u8 = torch.empty((h, w, c), dtype=torch.uint8)
+    np.copyto(u8.numpy().reshape(h, w * c), out.numpy(), casting="unsafe")  # truncates, as PIL
+    return u8
