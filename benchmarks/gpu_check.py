@@ -182,7 +182,8 @@ def _residual_out_of_place(model) -> None:
     """Give every block the plain `x = x + branch(x)` form (no in-place residual add), for an A/B."""
     for blk in model.blocks:
 
-        def forward(x, rope, path=None, blk=blk):  # the reference block's maths, whatever form was chosen
+        def forward(x, rope, path=None, windows=None, *, blk=blk):  # the reference block's maths, any form
+            assert windows is None, "the out-of-place A/B is for global attention"
             x = x + blk.attn(blk.norm1(x), rope)
             return x + blk.mlp(blk.norm2(x))
 
