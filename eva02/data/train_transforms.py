@@ -41,6 +41,7 @@ class RandAugmentMstd(v2.RandAugment):
     ) -> None:
         super().__init__(num_ops=num_ops, magnitude=0, num_magnitude_bins=_BINS, interpolation=interpolation, fill=fill)
         self.level, self.mstd, self.prob = float(magnitude), float(mstd), float(prob)
+        self._tables: dict = {}
 
     def draw(self, height: int, width: int) -> list[tuple[str, float]]:
         """The ops for one (height, width) image and their signed magnitudes, drawn from torch's generator:
@@ -50,7 +51,10 @@ class RandAugmentMstd(v2.RandAugment):
             op, (magnitudes_fn, signed) = self._get_random_item(self._AUGMENTATION_SPACE)
             if torch.rand(()) >= self.prob:
                 continue
-            magnitudes = magnitudes_fn(self.num_magnitude_bins, height, width)
+            key = (op, height, width)  # the table of an op and image size, built once
+            if key not in self._tables:
+                self._tables[key] = magnitudes_fn(self.num_magnitude_bins, height, width)
+            magnitudes = self._tables[key]
             magnitude = 0.0
             if magnitudes is not None:
                 level = self.level + (float(torch.randn(())) * self.mstd if self.mstd > 0 else 0.0)
