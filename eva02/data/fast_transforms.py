@@ -12,15 +12,15 @@ steps:
   bicubic / bilinear resampling has PIL's filters: values within 2 of PIL's, most equal), about 2.5x
   faster than PIL;
 - RandAugment keeps the image a uint8 tensor where it can (`FastRandAugment`): the shears run as 1-D
-  cubic filters with PIL's kernel, geometry and fill (`warp`; 5-8x faster than PIL's generic warp, pixels
+  cubic filters with PIL's kernel, geometry and fill (`warp`; 6-7x faster than PIL's generic warp, pixels
   within 1 of PIL's, a few in a million off), the integer translations as slice copies and the sharpness as
   PIL's filter and blend in float32 (both bit for bit); rotations and the colour ops run in PIL as in the
   reference, the image converted only when one is drawn;
 - the uint8 -> float conversion and the normalisation are one pass and one in-place pass.
 
 A seed gives the reference's crop box, flip, RandAugment ops and erasing; the output differs from the
-reference's by resize rounding, and where the decoding scale was reduced, by that (PSNR 35-48 dB against
-full-size decoding on a detailed photo). Tests: tests/test_fast_transforms.py; speed: benchmarks/loader_bench.py.
+reference's by resize rounding, by 1 on a few pixels per million of a sheared image, and where the decoding
+scale was reduced, by that (PSNR 35-48 dB against full-size decoding on a detailed photo). Tests: tests/test_fast_transforms.py; speed: benchmarks/loader_bench.py.
 """
 
 from __future__ import annotations
