@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from test_engine_digits import config_text, write_digits
 
 from eva02.data.datasets import BadSample
-from eva02.data.fast_transforms import FastTrainTransform
+from eva02.data.fast_transforms import FastTrainTransform, train_transform_for
 from eva02.engine import train as train_mod
-from eva02.engine.config import ConfigError, RunConfig, load_config, override
+from eva02.engine.config import RunConfig, load_config, override
 from eva02.engine.loader import DeviceNormalize, to_device
 from eva02.engine.tasks.mim import MimTask, collate_masked
 from eva02.weights.zoo import CLIP_MEAN, CLIP_STD
@@ -67,7 +67,7 @@ def _fit(cfg: RunConfig, wd: Path, monkeypatch) -> tuple[list[float], dict, set]
 
 def test_training_steps_are_those_of_cpu_normalised_batches(digits, tmp_path, monkeypatch) -> None:
     base = load_config(digits["cfg"])
-    loss_a, wa, seen_a = _fit(base, tmp_path / "cpu", monkeypatch)
+    loss_a, wa, seen_a = _fit(override(base, {"data.device_normalize": False}), tmp_path / "cpu", monkeypatch)
     # Two DataLoader workers: the uint8 batches also cross shared memory (the order does not depend on workers).
     dev = override(base, {"data.device_normalize": True, "data.workers": 2})
     loss_b, wb, seen_b = _fit(dev, tmp_path / "device", monkeypatch)
@@ -80,7 +80,7 @@ def test_mim_views_are_uint8_with_the_same_pixels(digits) -> None:
     base = override(load_config(digits["cfg"]), {
         "train.task": "mim", "model.num_classes": 0, "mim.num_masking": 6, "mim.min_num": 2, "data.val_split": "",
     })  # fmt: skip
-    plain, _ = MimTask().build_datasets(base)
+    plain, _ = MimTask().build_datasets(override(base, {"data.device_normalize": False}))
     dev, _ = MimTask().build_datasets(override(base, {"data.device_normalize": True}))
     norm = DeviceNormalize(base.data.mean, base.data.std)
     for i in range(3):
@@ -90,12 +90,19 @@ def test_mim_views_are_uint8_with_the_same_pixels(digits) -> None:
         assert torch.equal(norm({"images": u[None]})["images"][0], x)
 
 
-def test_config_allows_device_normalize_only_with_uint8_batches() -> None:
-    assert override(RunConfig(), {"data.device_normalize": "true"}).data.device_normalize is True
-    with pytest.raises(ConfigError, match=r"data.device_normalize=True: expects False with .*data.reprob=0.25"):
-        override(RunConfig(), {"data.device_normalize": "true", "data.reprob": "0.25"})
-    with pytest.raises(ConfigError, match=r"data.device_normalize=True: expects False with data.fast_transforms=Fals"):
-        override(RunConfig(), {"data.device_normalize": "true", "data.fast_transforms": "false"})
+def test_uint8_batches_by_default_where_the_transform_allows() -> None:
+    assert RunConfig().data.device_normalize is True
+    assert train_transform_for(RunConfig().data, 32).normalize is False  # the default: uint8 pixels
+    # random erasing fills with normalised noise, the reference transform normalises: both stay float, no error
+    erasing = train_transform_for(override(RunConfig(), {"data.reprob": "0.25"}).data, 32)
+    assert erasing.erase is not None and erasing.normalize is True
+    reference = train_transform_for(override(RunConfig(), {"data.fast_transforms": "false"}).data, 32)
+    assert not isinstance(reference, FastTrainTransform)
+    off = train_transform_for(override(RunConfig(), {"data.device_normalize": "false"}).data, 32)
+    assert off.normalize is True
+    # and the loop's step lets float images through untouched
+    x = torch.randn(2, 3, 4, 4)
+    assert DeviceNormalize((0.5,) * 3, (0.2,) * 3)({"images": x})["images"] is x
 
 
 def test_mim_collate_stacks_views_and_lists_bad_samples() -> None:

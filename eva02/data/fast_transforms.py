@@ -20,7 +20,8 @@ steps:
 
 A seed gives the reference's crop box, flip, RandAugment ops and erasing; the output differs from the
 reference's by resize rounding, by 1 on a few pixels per million of a sheared image, and where the decoding
-scale was reduced, by that (PSNR 35-48 dB against full-size decoding on a detailed photo). Tests: tests/test_fast_transforms.py; speed: benchmarks/loader_bench.py.
+scale was reduced, by that (PSNR 35-48 dB against full-size decoding on a detailed photo).
+Tests: tests/test_fast_transforms.py, tests/test_fast_warp.py; speed: benchmarks/loader_bench.py.
 """
 
 from __future__ import annotations
@@ -213,11 +214,11 @@ class FastTrainTransform:
 
 def train_transform_for(d: DataCfg, img_size: int) -> Any:
     """The train transform of a run's data settings (`train_transforms.train_transform_from`); with
-    `d.device_normalize`, the fast one giving uint8 pixels (a quarter of the bytes through collation, shared and
-    pinned memory and the copy to the device), which the loop normalises there (`engine.loader.DeviceNormalize`)."""
+    `d.device_normalize` (the default), the fast one gives uint8 pixels (a quarter of the bytes through collation,
+    shared and pinned memory and the copy to the device), which the loop normalises there
+    (`engine.loader.DeviceNormalize`), as timm's prefetcher does. The reference transform and random erasing
+    (which fills with normalised noise) normalise in the workers; the loop's step lets float images pass."""
     tf = train_transform_from(d, img_size)
-    if d.device_normalize:
-        if not isinstance(tf, FastTrainTransform) or tf.erase is not None:
-            raise ValueError("data.device_normalize needs data.fast_transforms=true and data.reprob=0")
+    if d.device_normalize and isinstance(tf, FastTrainTransform) and tf.erase is None:
         tf.normalize = False
     return tf

@@ -109,7 +109,9 @@ class DataCfg(_Section):
     interpolation: str = "bicubic"
     fast_transforms: bool = True  # train transform on uint8 tensors, same random draws as the reference (docs/data.md)
     reduced_decode: bool = True  # fast_transforms: JPEGs decoded at 1/2-1/8 size where the crop keeps >= img_size px
-    device_normalize: bool = False  # fast_transforms, no erasing: uint8 train batches, normalised on the device
+    # uint8 train batches normalised where the loop runs (the device), wherever the train transform allows it (the
+    # fast one without random erasing, classify and mim); otherwise the workers normalise (docs/data.md)
+    device_normalize: bool = True
     # fast_transforms, no RandAugment, no erasing: train JPEGs decoded, cropped and normalised on the device (nvJPEG
     # on a GPU), other images in the workers (docs/data.md); includes device_normalize's step
     decode_on_device: bool = False

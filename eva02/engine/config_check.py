@@ -196,11 +196,6 @@ CROSS_RULES: list[tuple[str, Callable[[RunConfig], bool], str]] = [
      "'folder' for train.task={cfg.train.task!r} (shards and Hugging Face datasets feed classify, mim, zero_shot)"),
     ("data.streaming", lambda c: not c.data.streaming or c.data.format == "wds",
      "False for data.format={cfg.data.format!r} (only tar shards stream: data.format='wds')"),
-    ("data.device_normalize", lambda c: not c.data.device_normalize or (c.data.fast_transforms and c.data.reprob == 0
-                                                                         and c.train.task in ("classify", "mim")),
-     "False with data.fast_transforms={cfg.data.fast_transforms}, data.reprob={cfg.data.reprob}, "
-     "train.task={cfg.train.task!r} (uint8 batches come from the fast train transform without random erasing, "
-     "for classify and mim)"),
     ("data.decode_on_device", lambda c: not c.data.decode_on_device or (c.data.fast_transforms and c.data.randaug_n == 0
                                                                          and c.data.reprob == 0
                                                                          and c.train.task in ("classify", "mim")),
