@@ -22,7 +22,10 @@ CPU time counted is this process's and its workers':
 - ref: our reference transform (`train_transforms.train_transform`, torchvision v2 on PIL images);
 - fast: our fast transform (`fast_transforms.FastTrainTransform`) with full-size decoding;
 - fast+reduced: the same with reduced-size JPEG decoding where the crop allows it (the engine's default);
-- fast-u8: fast+reduced returning uint8 images (`normalize=False`), against timm-u8.
+- fast-u8: fast+reduced returning uint8 images (`normalize=False`), against timm-u8;
+- fast-u8+norm: fast-u8 with each batch normalised in the loading process by the engine's step
+  (`engine.loader.DeviceNormalize`, what a CPU run does with `data.device_normalize`, the default), against
+  timm, whose prefetcher does the same there.
 
 The variants are interleaved within each repeat, their order rotating, and each repeat draws other
 augmentations (seed = repeat); reported are medians over the repeats of images per CPU-second (process
@@ -61,7 +64,7 @@ RECIPES = {  # the official augmentations (configs/eva02/*_in1k.py and *_mim_in2
     "ft448": dict(img_size=448, scale=(0.08, 1.0), randaug_n=2, reprob=0.0),
     "mim224": dict(img_size=224, scale=(0.2, 1.0), randaug_n=0, reprob=0.0),
 }
-VARIANTS = ("timm", "timm-u8", "ref", "fast", "fast+reduced", "fast-u8")
+VARIANTS = ("timm", "timm-u8", "ref", "fast", "fast+reduced", "fast-u8", "fast-u8+norm")
 BASE = {"fast-u8": "timm-u8"}  # the variant each is compared with (default: timm)
 CLASSES = 4
 
@@ -160,11 +163,19 @@ def our_loader(source: str, path: Path, variant: str, recipe: dict, batch: int, 
     if variant == "ref":
         tf = train_transform(**args)
     else:
-        tf = FastTrainTransform(**args, reduced_decode=variant != "fast", normalize=variant != "fast-u8")
+        tf = FastTrainTransform(**args, reduced_decode=variant != "fast", normalize=not variant.startswith("fast-u8"))
     ds = build_dataset(str(path.parent), path.name, "", "", tf) if source == "folder" else shard_dataset(str(path), tf)
     sampler = TrainSampler(len(ds), batch, 0, 1, seed=seed)
     return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate,
                       worker_init_fn=seed_worker if workers else None)  # fmt: skip
+
+
+def normalizer():
+    """The engine's step that normalises uint8 batches where the loop runs (`data.device_normalize`)."""
+    from eva02.engine.loader import DeviceNormalize
+    from eva02.weights.zoo import CLIP_MEAN, CLIP_STD
+
+    return DeviceNormalize(CLIP_MEAN, CLIP_STD)
 
 
 def children_cpu() -> float:
@@ -172,12 +183,15 @@ def children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_epoch(loader) -> tuple[int, float, float]:
-    """(images, CPU seconds of this process and its DataLoader workers, wall seconds) of one pass over `loader`;
-    the workers (not persistent) end with the pass, so their CPU time is counted."""
+def run_epoch(loader, post=None) -> tuple[int, float, float]:
+    """(images, CPU seconds of this process and its DataLoader workers, wall seconds) of one pass over `loader`,
+    each batch given to `post` (a step of the loop, counted too); the workers (not persistent) end with the pass,
+    so their CPU time is counted."""
     images, cpu0, wall0 = 0, time.process_time() + children_cpu(), time.perf_counter()
     it = iter(loader)
     for batch in it:
+        if post is not None:
+            batch = post(batch)
         images += len(batch["images"] if isinstance(batch, dict) else batch[0])
     del it  # shuts the workers down
     return images, time.process_time() + children_cpu() - cpu0, time.perf_counter() - wall0
@@ -202,7 +216,7 @@ def measure(args, paths: dict) -> tuple[list, dict]:
                     loader = loader.loader if v == "timm-u8" else loader  # the DataLoader behind the prefetcher
                 else:
                     loader = our_loader(src, paths[s][src], v, RECIPES[r], args.batch, rep, args.workers)
-                runs[(c, v)].append(run_epoch(loader))
+                runs[(c, v)].append(run_epoch(loader, normalizer() if v == "fast-u8+norm" else None))
         print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
     return cells, runs
 
