@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from eva02.data.datasets import BadSample
 from eva02.data.fast_transforms import FastTrainTransform, train_transform_for
 from eva02.engine import train as train_mod
 from eva02.engine.config import RunConfig, load_config, override
-from eva02.engine.loader import DeviceNormalize, to_device
+from eva02.engine.loader import DeviceNormalize, device_normalizer, to_device
 from eva02.engine.tasks.mim import MimTask, collate_masked
 from eva02.weights.zoo import CLIP_MEAN, CLIP_STD
 
@@ -113,3 +114,13 @@ def test_mim_collate_stacks_views_and_lists_bad_samples() -> None:
     assert out["mask"].dtype == torch.bool and torch.equal(out["mask"], torch.stack([v[1] for v in views]))
     assert out["index"].tolist() == [4, 9, 2] and out["bad"] == [("a.jpg", "corrupt")]
     assert collate_masked([BadSample("b", "x")])["images"] is None
+
+
+def test_the_step_is_only_for_the_tasks_with_uint8_train_transforms() -> None:
+    model = torch.nn.Linear(2, 2)
+    assert isinstance(device_normalizer(RunConfig(), model), DeviceNormalize)  # classify, the default
+    # detection batches are uint8 images that the detector normalises itself: the loop must leave them alone
+    for task in ("detect", "segment"):
+        cfg = RunConfig()
+        cfg = SimpleNamespace(data=cfg.data, train=SimpleNamespace(task=task))  # a config check needs more fields
+        assert device_normalizer(cfg, model) is None

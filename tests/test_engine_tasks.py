@@ -13,6 +13,7 @@ import torch
 from test_engine_digits import config_text, write_digits
 
 from eva02.engine.config import RunConfig, load_config, override
+from eva02.engine.loader import device_normalizer, to_device
 from eva02.engine.tasks import TASKS, ClassificationTask, MimTask, Task, task_for
 from eva02.engine.train import Trainer
 
@@ -46,7 +47,8 @@ def test_classification_builds_set_no_state(tmp_path: Path) -> None:
     model = task.build_model(cfg)
     assert vars(task) == {}
     batch = task.collate([train[(0, i)] for i in range(4)])
-    value = loss(model, batch)
+    assert batch["images"].dtype == torch.uint8  # data.device_normalize: the loop's step normalises them
+    value = loss(model, to_device(batch, torch.device("cpu"), device_normalizer(cfg, model)))
     assert value.ndim == 0 and torch.isfinite(value)
     loader = torch.utils.data.DataLoader(val, batch_size=4, collate_fn=task.collate)
     metrics = ClassificationTask().evaluate(cfg, model, loader, torch.device("cpu"), None)  # a fresh task

@@ -56,6 +56,9 @@ def eval_loader(val: Dataset, cfg: RunConfig, batch_size: int, rank: int, world:
                       collate_fn=collate)  # fmt: skip
 
 
+UINT8_TASKS = ("classify", "mim")  # the tasks whose train transform gives uint8 batches (`data.device_normalize`)
+
+
 class DeviceNormalize:
     """A batch's uint8 'images' (B, 3, H, W) (`fast_transforms.train_transform_for` with `data.device_normalize`),
     or its JPEGs to decode there (an `EncodedBatch`, `data.decode_on_device`: `device_decode.decode_batch`)
@@ -88,8 +91,9 @@ class DeviceNormalize:
 def device_normalizer(cfg: RunConfig, model: torch.nn.Module) -> DeviceNormalize | None:
     """The step after `to_device` that turns uint8 train batches (`data.device_normalize`) or their JPEGs
     (`data.decode_on_device`) into normalised images, in the dtype of the model's floating-point parameters;
-    None when the loader gives normalised images."""
-    if not (cfg.data.device_normalize or cfg.data.decode_on_device):
+    None when the loader gives normalised images: other tasks' batches (detection's uint8 images, which the
+    detector normalises itself) are not this step's."""
+    if not (cfg.data.device_normalize or cfg.data.decode_on_device) or cfg.train.task not in UINT8_TASKS:
         return None
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return DeviceNormalize(tuple(cfg.data.mean), tuple(cfg.data.std), dtype)

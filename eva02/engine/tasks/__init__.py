@@ -5,6 +5,8 @@ The loop (`eva02.engine.train`) is one for all tasks; a task supplies, from the 
 - `build_model(cfg, load_init=True)`: the single-device model (the loop shards, checkpoints and compiles it);
 - `build_datasets(cfg)`: the checked train and optional validation datasets;
 - `collate(items)`: the batch dict, with a 'bad' list of (path, reason) for images that failed to load;
+  classify and mim batches may hold uint8 images (`data.device_normalize`) that the loop normalises after
+  moving them (`engine.loader.device_normalizer(cfg, model)`, applied by `to_device`);
 - `build_loss(cfg)`: a module called as `loss(model, batch)` -> scalar loss, holding what the loss needs
   besides the model (mixup, a frozen teacher); the loop moves it to the training device;
 - `evaluate(cfg, model, loader, device, amp)`: validation metrics summed over processes ({} if none);
