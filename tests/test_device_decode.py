@@ -12,14 +12,13 @@ under 2% of places (0.4% measured on noisy photos at 32-224 px).
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from test_device_normalize import fit_recording
 from test_engine_digits import config_text
 
 from eva02.data.datasets import BadSample, ImageDataset, collate
@@ -34,7 +33,6 @@ from eva02.data.device_decode import (
 )
 from eva02.data.fast_transforms import FastTrainTransform
 from eva02.data.images import ImageError, decode_image, deferred_jpeg_decoding
-from eva02.engine import train as train_mod
 from eva02.engine.config import ConfigError, RunConfig, load_config, override
 from eva02.engine.loader import DeviceNormalize, to_device
 from eva02.engine.tasks.mim import MimTask, collate_masked
@@ -237,25 +235,12 @@ def jpeg_digits(tmp_path_factory) -> dict:
     return {"data": data, "cfg": cfg}
 
 
-def _fit(cfg: RunConfig, wd: Path, monkeypatch) -> tuple[list[float], dict, set]:
-    seen: set[type] = set()
-
-    def spy(batch, device, normalize=None):
-        seen.add(type(batch["images"]))  # as the loader hands the batch over
-        return to_device(batch, device, normalize)
-
-    monkeypatch.setattr(train_mod, "to_device", spy)
-    train_mod.Trainer(cfg, wd).fit()
-    records = [json.loads(s) for s in (wd / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if r["kind"] == "train"], load_file(wd / "final.safetensors"), seen
-
-
 def test_training_takes_the_steps_of_decoding_in_the_workers(jpeg_digits, tmp_path, monkeypatch) -> None:
     base = override(load_config(jpeg_digits["cfg"]), {"data.hflip": 0.5})
-    loss_a, wa, seen_a = _fit(base, tmp_path / "workers", monkeypatch)
+    loss_a, wa, seen_a = fit_recording(base, tmp_path / "workers", monkeypatch, type)
     # Two DataLoader workers: the packed JPEGs cross shared memory (the order does not depend on workers).
     dev = override(base, {"data.decode_on_device": True, "data.workers": 2})
-    loss_b, wb, seen_b = _fit(dev, tmp_path / "device", monkeypatch)
+    loss_b, wb, seen_b = fit_recording(dev, tmp_path / "device", monkeypatch, type)
     assert seen_a == {torch.Tensor} and seen_b == {EncodedBatch}
     # Close, not equal: a few pixel values of the batch differ by 1-2 levels (module docstring).
     assert len(loss_a) == 2 and loss_a == pytest.approx(loss_b, rel=1e-3)

@@ -53,11 +53,12 @@ def test_device_normalize_is_the_transforms_normalisation() -> None:
     assert DeviceNormalize(CLIP_MEAN, CLIP_STD)(floats) is floats  # normalised images pass as they are
 
 
-def _fit(cfg: RunConfig, wd: Path, monkeypatch) -> tuple[list[float], dict, set]:
-    seen: set[torch.dtype] = set()
+def fit_recording(cfg: RunConfig, wd: Path, monkeypatch, probe=lambda images: images.dtype) -> tuple[list, dict, set]:
+    """(train losses, final weights, {probe(images)} of every batch as the loader hands it to the loop) of a run."""
+    seen: set = set()
 
     def spy(batch, device, normalize=None):
-        seen.add(batch["images"].dtype)  # as the loader hands the batch over
+        seen.add(probe(batch["images"]))
         return to_device(batch, device, normalize)
 
     monkeypatch.setattr(train_mod, "to_device", spy)
@@ -68,10 +69,10 @@ def _fit(cfg: RunConfig, wd: Path, monkeypatch) -> tuple[list[float], dict, set]
 
 def test_training_steps_are_those_of_cpu_normalised_batches(digits, tmp_path, monkeypatch) -> None:
     base = load_config(digits["cfg"])
-    loss_a, wa, seen_a = _fit(override(base, {"data.device_normalize": False}), tmp_path / "cpu", monkeypatch)
+    loss_a, wa, seen_a = fit_recording(override(base, {"data.device_normalize": False}), tmp_path / "cpu", monkeypatch)
     # Two DataLoader workers: the uint8 batches also cross shared memory (the order does not depend on workers).
     dev = override(base, {"data.device_normalize": True, "data.workers": 2})
-    loss_b, wb, seen_b = _fit(dev, tmp_path / "device", monkeypatch)
+    loss_b, wb, seen_b = fit_recording(dev, tmp_path / "device", monkeypatch)
     assert seen_a == {torch.float32} and seen_b == {torch.uint8}
     assert len(loss_a) == 2 and loss_a == pytest.approx(loss_b, rel=1e-6, abs=1e-7)
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
