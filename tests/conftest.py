@@ -33,3 +33,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The modules with the longest tests run first (each module kept whole, so module fixtures are made once):
+# with xdist's worksteal the short tests queued behind them then even out the workers' ends, instead of a long
+# test starting last on one worker while the other waits.
+LONGEST_FIRST = (
+    "test_det_learning.py",
+    "test_engine_dist.py",
+    "test_seg_learning.py",
+    "test_serve_page.py",
+    "test_engine_digits.py",
+    "test_serve.py",
+    "test_engine_resume.py",
+    "test_det_engine.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every other order is kept
