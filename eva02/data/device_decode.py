@@ -95,7 +95,7 @@ class DeviceDecodeTransform:
             return self.fast(img)
         f = self.fast
         top, left, h, w, _ = f.plan(*img.size)  # the reduction is the CPU decoder's business only
-        flip = bool(f.hflip > 0 and torch.rand(1) < f.hflip)  # the draw `FastTrainTransform.finish` makes
+        flip = f.draw_flip()  # the draw `FastTrainTransform.finish` makes
         data = torch.frombuffer(bytearray(img.data), dtype=torch.uint8)
         width, height = img.size
         return EncodedCrop(data, CropPlan((height, width), (top, left, h, w), flip, f.size, f.mode, img.name))

@@ -197,9 +197,13 @@ class FastTrainTransform:
         x = nnf.interpolate(crop, size=(self.size, self.size), mode=self.mode, antialias=self.mode != "nearest-exact")
         return self.finish(x[0].permute(1, 2, 0))  # (S, S, 3) uint8, contiguous
 
+    def draw_flip(self) -> bool:
+        """Whether to flip this image: the draw after `plan` (none when flips are off), as the reference makes it."""
+        return bool(self.hflip > 0 and torch.rand(1) < self.hflip)
+
     def finish(self, hwc: torch.Tensor) -> torch.Tensor:
         """The cropped (S, S, 3) uint8 pixels -> flip, RandAugment, normalised (3, S, S) float, erasing."""
-        if self.hflip > 0 and torch.rand(1) < self.hflip:
+        if self.draw_flip():
             hwc = hwc.flip(1)
         if self.randaug is not None:
             hwc = self.randaug(hwc)
