@@ -28,10 +28,9 @@ from eva02.data.device_decode import (
     EncodedCrop,
     decode_batch,
     device_decodable,
-    run_train_transform,
     stack_images,
 )
-from eva02.data.fast_transforms import FastTrainTransform
+from eva02.data.fast_transforms import FastTrainTransform, train_transform_for
 from eva02.data.images import ImageError, decode_image, deferred_jpeg_decoding
 from eva02.engine.config import ConfigError, RunConfig, load_config, override
 from eva02.engine.loader import DeviceNormalize, to_device
@@ -284,8 +283,8 @@ def test_config_allows_it_only_without_per_image_cpu_augmentation() -> None:
     ok = {"data.decode_on_device": "true", "data.randaug_n": "0"}
     assert override(RunConfig(), ok).data.decode_on_device is True
     both_on = override(RunConfig(), {**ok, "data.device_normalize": "true"})  # it includes that step
-    assert isinstance(run_train_transform(both_on.data, 32), DeviceDecodeTransform)
-    assert isinstance(run_train_transform(override(RunConfig(), {"data.randaug_n": "0"}).data, 32), FastTrainTransform)
+    assert isinstance(train_transform_for(both_on.data, 32), DeviceDecodeTransform)
+    assert isinstance(train_transform_for(override(RunConfig(), {"data.randaug_n": "0"}).data, 32), FastTrainTransform)
     with pytest.raises(ConfigError, match=r"data.decode_on_device=True: expects False with .*data.randaug_n=2.*"
                                           r"set data.randaug_n=0 and data.reprob=0"):  # fmt: skip
         override(RunConfig(), {"data.decode_on_device": "true"})

@@ -36,7 +36,6 @@ from eva02.data.images import EncodedImage, ImageError
 
 if TYPE_CHECKING:
     from eva02.data.fast_transforms import FastTrainTransform
-    from eva02.engine.config import DataCfg
 
 JPEG_END = b"\xff\xd9"  # the EOI marker a complete JPEG ends with
 JPEG_SCAN = b"\xff\xda"  # the SOS marker before the image data
@@ -99,20 +98,6 @@ class DeviceDecodeTransform:
         data = torch.frombuffer(bytearray(img.data), dtype=torch.uint8)
         width, height = img.size
         return EncodedCrop(data, CropPlan((height, width), (top, left, h, w), flip, f.size, f.mode, img.name))
-
-
-def run_train_transform(d: DataCfg, img_size: int) -> Any:
-    """The train transform of a run's data settings: with `data.decode_on_device` the fast transform with its
-    JPEG decoding left to the device (`DeviceDecodeTransform`), else `fast_transforms.train_transform_for`'s."""
-    from eva02.data.fast_transforms import FastTrainTransform, train_transform_for
-    from eva02.data.train_transforms import train_transform_from
-
-    if not d.decode_on_device:
-        return train_transform_for(d, img_size)
-    tf = train_transform_from(d, img_size)
-    if not isinstance(tf, FastTrainTransform):
-        raise ValueError("data.decode_on_device needs data.fast_transforms=true")
-    return DeviceDecodeTransform(tf)
 
 
 @dataclass(frozen=True)

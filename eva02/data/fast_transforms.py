@@ -221,8 +221,16 @@ def train_transform_for(d: DataCfg, img_size: int) -> Any:
     `d.device_normalize` (the default), the fast one gives uint8 pixels (a quarter of the bytes through collation,
     shared and pinned memory and the copy to the device), which the loop normalises there
     (`engine.loader.DeviceNormalize`), as timm's prefetcher does. The reference transform and random erasing
-    (which fills with normalised noise) normalise in the workers; the loop's step lets float images pass."""
+    (which fills with normalised noise) normalise in the workers; the loop's step lets float images pass.
+    With `d.decode_on_device`, the fast one leaves JPEG decoding to the device
+    (`device_decode.DeviceDecodeTransform`)."""
     tf = train_transform_from(d, img_size)
+    if d.decode_on_device:
+        from eva02.data.device_decode import DeviceDecodeTransform
+
+        if not isinstance(tf, FastTrainTransform):
+            raise ValueError("data.decode_on_device needs data.fast_transforms=true")
+        return DeviceDecodeTransform(tf)
     if d.device_normalize and isinstance(tf, FastTrainTransform) and tf.erase is None:
         tf.normalize = False
     return tf

@@ -104,10 +104,10 @@ class ClassificationTask:
         return build_eva02(cfg, load_init)
 
     def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
-        from eva02.data.device_decode import run_train_transform  # torchvision, as in build_val_dataset
+        from eva02.data.fast_transforms import train_transform_for  # torchvision, as in build_val_dataset
 
         d, n = cfg.data, cfg.model.num_classes
-        tt = run_train_transform(d, cfg.model.img_size)
+        tt = train_transform_for(d, cfg.model.img_size)
         train = build_split(cfg, "train", tt)
         train.check_not_empty("train")
         if len(train.classes) != n:

@@ -234,9 +234,9 @@ class MimTask:
         return mim
 
     def build_datasets(self, cfg: RunConfig) -> tuple[Dataset, None]:
-        from eva02.data.device_decode import run_train_transform  # torchvision: loaded with the data only
+        from eva02.data.fast_transforms import train_transform_for  # torchvision: loaded with the data only
 
-        tt = run_train_transform(cfg.data, cfg.model.img_size)
+        tt = train_transform_for(cfg.data, cfg.model.img_size)
         return build_mim_dataset(cfg, MaskedView(tt, self.masks(cfg))), None
 
     def collate(self, items: list) -> dict[str, Any]:
