@@ -6,7 +6,8 @@ that call runs (`layers.Block.forward(x, rope, path)`):
 - `Inference`: eager, autograd records nothing. RoPE rotates q and k in place where they lie in the
   qkv output (one complex product per channel pair), SDPA reads q, k, v as strided views, the SwiGLU
   gate is computed in place in w12's output, residual sums land in the fresh branch outputs, and on
-  CPU the qkv and w12 outputs of all blocks share one buffer (`Workspace`).
+  CPU the qkv and w12 outputs of all blocks share one buffer (`Workspace`), w12's product taken in
+  cache-sized column chunks where the hidden layer is wide.
 - `Training`: eager, autograd records. RoPE with the q/k/v split (`RotateSplit`) and the SwiGLU gate
   (`SiluGate`) are autograd functions whose backwards write one gradient each and save less.
 - `Traced`: torch.compile, torch.export, jit tracing. Out-of-place code the compiler fuses; RoPE as
@@ -68,11 +69,20 @@ class Workspace:
     the larger output, which a plain forward also holds). One workspace lives for one forward call
     (see `choose`), so nothing is shared between threads or calls, and it is only used where autograd
     records nothing (outputs written in place are never saved).
+
+    Where SwiGLU's hidden width exceeds `gate_columns`, w12's product is computed in column chunks
+    (`gated`): each chunk's gate and value GEMMs write into the buffer, the gate is applied while they
+    are still in cache, and the product lands in its columns of the hidden activations. With about 256
+    columns per thread, each thread's share of a chunk's weights (768-1024 inputs x 256 x 4 bytes) stays
+    in its L2 cache instead of streaming the whole 12-22 MB of w12 per call. Measured on 2 cores
+    (BENCHMARKS.md): 8-25% faster w12 products at 197-257 tokens, the EVA-02-CLIP image towers 5-9%
+    faster end to end at 1-4 images per call.
     """
 
-    def __init__(self, numel: int = 0) -> None:
+    def __init__(self, numel: int = 0, gate_columns: int | None = None) -> None:
         self._buf: torch.Tensor | None = None
         self._numel = numel  # capacity to allocate on first use, so that it is allocated once
+        self.gate_columns = gate_columns or GATE_COLUMNS_PER_THREAD * torch.get_num_threads()
 
     @staticmethod
     def usable(x: torch.Tensor) -> bool:
@@ -84,16 +94,42 @@ class Workspace:
             and not torch.is_autocast_enabled("cpu")
         )
 
+    def _buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """The shared buffer's first n elements (flat), grown if needed."""
+        buf = self._buf
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype:
+            buf = self._buf = torch.empty(max(n, self._numel), dtype=like.dtype, device=like.device)
+        return buf[:n]
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """`F.linear(x, weight, bias)` written into the shared buffer (valid until the next call)."""
         rows = x.numel() // x.shape[-1]
-        n = rows * weight.shape[0]
-        buf = self._buf
-        if buf is None or buf.numel() < n or buf.dtype != x.dtype:
-            buf = self._buf = torch.empty(max(n, self._numel), dtype=x.dtype, device=x.device)
-        out = buf[:n].view(rows, weight.shape[0])
+        out = self._buffer(rows * weight.shape[0], x).view(rows, weight.shape[0])
         torch.addmm(bias, x.reshape(rows, x.shape[-1]), weight.t(), out=out)
         return out.view(*x.shape[:-1], weight.shape[0])
+
+    def gated(self, x: torch.Tensor, w12: nn.Linear) -> torch.Tensor:
+        """SwiGLU's silu(x W1 + b1) * (x W2 + b2) from the packed `w12` ([W1; W2]), computed in chunks
+        of `gate_columns` hidden columns: (..., D) -> a fresh, dense (..., H)."""
+        H = w12.out_features // 2
+        rows = x.numel() // x.shape[-1]
+        x2 = x.reshape(rows, x.shape[-1])
+        c = min(self.gate_columns, H)
+        buf = self._buffer(2 * rows * c, x)
+        gates, values = buf[: rows * c], buf[rows * c :]
+        weight, bias = w12.weight, w12.bias
+        h = x.new_empty(rows, H)
+        for j in range(0, H, c):
+            n = min(c, H - j)
+            gate = torch.addmm(bias[j : j + n], x2, weight[j : j + n].t(), out=gates[: rows * n].view(rows, n))
+            cols = slice(H + j, H + j + n)
+            value = torch.addmm(bias[cols], x2, weight[cols].t(), out=values[: rows * n].view(rows, n))
+            torch.mul(F.silu(gate, inplace=True), value, out=h[:, j : j + n])
+        return h.view(*x.shape[:-1], H)
+
+
+# Hidden columns per thread in one chunk of `Workspace.gated` (tuned on 2 cores with 1 MiB L2 each).
+GATE_COLUMNS_PER_THREAD = 256
 
 
 def _pairs(x: torch.Tensor) -> torch.Tensor:
@@ -247,6 +283,8 @@ class Inference(BlockPath):
         return _attend(attn, q, k, v, mask)
 
     def mlp(self, mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:
+        if self.ws is not None and self.ws.gate_columns < mlp.w12.out_features // 2:
+            return mlp.w3(mlp.norm(self.ws.gated(x, mlp.w12)))  # in column chunks (Workspace)
         x12 = mlp.w12(x) if self.ws is None else self.ws.linear(x, mlp.w12.weight, mlp.w12.bias)
         gate, value = x12.chunk(2, dim=-1)  # (B, T, H) views of one (B, T, 2H) output
         if isinstance(mlp.norm, nn.Identity):  # the gate in place inside w12's output
