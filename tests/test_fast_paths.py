@@ -29,7 +29,7 @@ FORMS = [
     ("inference", lambda: fast.Inference(), False),
     ("inference-workspace", lambda: fast.Inference(ws=fast.Workspace()), False),
     # w12 in chunks of 24 hidden columns: several per layout, the last one narrower
-    ("inference-workspace-chunked", lambda: fast.Inference(ws=fast.Workspace(gate_columns=24)), False),
+    ("inference-workspace-chunked", lambda: fast.Inference(ws=fast.Workspace(gate_columns=24, chunked_bytes=0)), False),
     ("inference-widened", lambda: fast.Inference(widen=True), False),
     ("training", lambda: fast.Training(), True),
     ("training-widened", lambda: fast.Training(widen=True), True),

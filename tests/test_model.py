@@ -260,6 +260,7 @@ def test_shared_inference_buffers_change_nothing(sub_ln, chunked, monkeypatch):
     # w12 in one product (bit-identical to the reference), or in column chunks of 16 hidden columns per
     # thread (the same sums, blocked differently by the GEMM: equal to rounding)
     monkeypatch.setattr(fast, "GATE_COLUMNS_PER_THREAD", 16 if chunked else 10**9)
+    monkeypatch.setattr(fast, "CHUNKED_W12_BYTES", 0)
     same = torch.testing.assert_close if chunked else lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0)
     m = make(10, sub_ln=sub_ln)
     x = torch.randn(2, 3, 56, 42)
@@ -273,7 +274,7 @@ def test_shared_inference_buffers_change_nothing(sub_ln, chunked, monkeypatch):
         ws = fast.choose(m.prepare_tokens(x), m.blocks, m.reuse_buffers).ws
         final, feats = m.forward_intermediates(x, output_fmt="NLC")
         logits = m(x)
-    assert isinstance(ws, fast.Workspace) and (ws.gate_columns < m.cfg.mlp_hidden) == chunked
+    assert isinstance(ws, fast.Workspace) and ws.chunks(m.blocks[0].mlp.w12) == chunked
     # the reference's results, and intermediates kept from earlier blocks are not overwritten by later ones
     same(logits, ref_logits)
     same(final, ref_final)
@@ -296,6 +297,18 @@ def test_shared_inference_buffers_change_nothing(sub_ln, chunked, monkeypatch):
         assert not fast.Workspace.usable(x)
     with torch.no_grad():
         assert fast.Workspace.usable(x) and not fast.Workspace.usable(x.to("meta"))
+
+
+def test_w12_in_chunks_only_for_the_base_and_large_layouts():
+    """The chunked w12 product is used where the weights are too large for the caches (base: 768 x 4096,
+    large: 1024 x 5460 in fp32), not for small (384 x 2048) or tiny, nor where one chunk covers it."""
+    from eva02.model import fast
+
+    ws = fast.Workspace(gate_columns=512)
+    sizes = ("tiny", "small", "base", "large")
+    w12 = {n: torch.nn.Linear(VARIANTS[n].dim, 2 * VARIANTS[n].mlp_hidden, device="meta") for n in sizes}
+    assert [ws.chunks(w12[n]) for n in sizes] == [False, False, True, True]
+    assert not fast.Workspace(gate_columns=2048).chunks(w12["base"])  # one chunk: the plain product
 
 
 def test_concurrent_inference_threads_get_their_own_results():
