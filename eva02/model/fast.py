@@ -87,8 +87,8 @@ class Workspace:
 
     def chunks(self, w12: nn.Linear) -> bool:
         """Whether `gated` computes this w12: wider than one chunk, with weights too large for the
-        caches (the base and large layouts; for small and tiny, whose w12 fits, chunks measured 7%
-        faster to 7% slower)."""
+        caches (the small, base and large layouts; tiny's 0.75 MiB w12 fits, and chunks measured up
+        to 7% slower there)."""
         nbytes = w12.weight.numel() * w12.weight.element_size()
         return w12.out_features // 2 > self.gate_columns and nbytes >= self.chunked_bytes
 
@@ -140,9 +140,9 @@ class Workspace:
 
 
 # Hidden columns per thread in one chunk of `Workspace.gated` (tuned on 2 cores with 1 MiB L2 each),
-# and the w12 size from which it is used (base: 12 MiB, large: 21 MiB in fp32; small: 3 MiB).
+# and the w12 size from which it is used (fp32: small 3 MiB, base 12 MiB, large 21 MiB; tiny 0.75 MiB).
 GATE_COLUMNS_PER_THREAD = 256
-CHUNKED_W12_BYTES = 8 << 20
+CHUNKED_W12_BYTES = 2 << 20
 
 
 def _pairs(x: torch.Tensor) -> torch.Tensor:
