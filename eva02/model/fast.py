@@ -70,13 +70,13 @@ class Workspace:
     (see `choose`), so nothing is shared between threads or calls, and it is only used where autograd
     records nothing (outputs written in place are never saved).
 
-    Where SwiGLU's w12 is large (`chunks`), its product is computed in column chunks
-    (`gated`): each chunk's gate and value GEMMs write into the buffer, the gate is applied while they
-    are still in cache, and the product lands in its columns of the hidden activations. With about 256
-    columns per thread, each thread's share of a chunk's weights (768-1024 inputs x 256 x 4 bytes) stays
-    in its L2 cache instead of streaming the whole 12-22 MB of w12 per call. Measured on 2 cores
-    (BENCHMARKS.md): the base and large MLPs run 1.01-1.22x faster at 197-1576 tokens, most at one or
-    two images per call.
+    Where SwiGLU's w12 is large (`chunks`), its product is computed in column chunks (`gated`): each
+    chunk's gate and value GEMMs write into the buffer, the gate is applied while they are still in
+    cache, and the product lands in its columns of the hidden activations. Chunks are about 256 columns
+    per thread, so each thread's share of a chunk's weights fits its L2 cache. Measured on a 2-core
+    AVX2 machine with 1 MiB of L2 per core (`benchmarks/mlp_chunks.py`, BENCHMARKS.md): with 2 threads
+    the base and large MLPs run 1.09-1.18x faster at 197-1025 tokens and 1.01x at 2050, small's
+    0.99-1.07x; with 1 thread chunks and one product are within 2% of each other.
     """
 
     def __init__(self, numel: int = 0, gate_columns: int | None = None, chunked_bytes: int | None = None) -> None:
