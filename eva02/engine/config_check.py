@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from eva02 import dtypes
+from eva02.engine.loader import UINT8_TASKS
 from eva02.engine.tasks import TASKS
 from eva02.model.config import VARIANTS
 from eva02.weights.zoo import find_clip, resolve
@@ -198,7 +199,7 @@ CROSS_RULES: list[tuple[str, Callable[[RunConfig], bool], str]] = [
      "False for data.format={cfg.data.format!r} (only tar shards stream: data.format='wds')"),
     ("data.decode_on_device", lambda c: not c.data.decode_on_device or (c.data.fast_transforms and c.data.randaug_n == 0
                                                                          and c.data.reprob == 0
-                                                                         and c.train.task in ("classify", "mim")),
+                                                                         and c.train.task in UINT8_TASKS),
      "False with data.fast_transforms={cfg.data.fast_transforms}, data.randaug_n={cfg.data.randaug_n}, "
      "data.reprob={cfg.data.reprob}, train.task={cfg.train.task!r} (JPEGs are decoded on the device for the fast "
      "train transform, data.fast_transforms=true, with neither RandAugment nor random erasing, which run per image "

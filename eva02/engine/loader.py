@@ -56,7 +56,9 @@ def eval_loader(val: Dataset, cfg: RunConfig, batch_size: int, rank: int, world:
                       collate_fn=collate)  # fmt: skip
 
 
-UINT8_TASKS = ("classify", "mim")  # the tasks whose train transform gives uint8 batches (`data.device_normalize`)
+# The tasks whose train batches the loop's step normalises on the device: their train transform may give uint8
+# images (`data.device_normalize`) or JPEGs (`data.decode_on_device`; a config rule limits it to these tasks)
+UINT8_TASKS = ("classify", "mim")
 
 
 class DeviceNormalize:
