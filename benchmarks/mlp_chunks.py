@@ -14,22 +14,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from profile_model import interleaved
 
 from eva02.model import VARIANTS, fast
 from eva02.model.layers import SwiGLU
 
 # rows: tokens per call (one or more images), as the sizes run at 224, 336 and 448 px
 ROWS = {"tiny": (257, 577), "small": (257, 577, 2308), "base": (197, 257, 788, 2050), "large": (257, 577, 1025)}
-
-
-def timed(fn, iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - start) / iters
 
 
 def main() -> None:
@@ -53,12 +46,10 @@ def main() -> None:
             whole = fast.Workspace(rows * 2 * cfg.mlp_hidden, gate_columns=1 << 30)
             chunked = fast.Workspace(rows * 2 * cfg.mlp_hidden, chunked_bytes=0)
             forms = {"whole": fast.Inference(ws=whole), "chunks": fast.Inference(ws=chunked)}
-            times = {k: [] for k in forms}
             with torch.inference_mode():
                 torch.testing.assert_close(forms["chunks"].mlp(mlp, x), forms["whole"].mlp(mlp, x))
-                for _ in range(a.rounds):
-                    for k, form in forms.items():
-                        times[k].append(timed(lambda form=form, mlp=mlp, x=x: form.mlp(mlp, x), a.iters))
+                calls = {k: (lambda form=form, mlp=mlp, x=x: form.mlp(mlp, x)) for k, form in forms.items()}
+                times = interleaved(calls, a.rounds, a.iters)
             w, c = (statistics.median(times[k]) * 1e3 for k in forms)
             note = "" if chunked.chunks(mlp.w12) else "  (one chunk covers w12: same code twice, a noise control)"
             print(f"{size:6s} {rows:5d} {w:15.2f} {c:10.2f} {w / c:5.2f}x  {'yes' if default else 'no'}{note}")
