@@ -47,6 +47,11 @@ def test_list_and_info(capsys) -> None:
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows if r["task"] == "clip"] == list(CLIP_ZOO)
     assert len(rows) == len(ZOO) + len(CLIP_ZOO)
+    assert main(["list"]) == 0  # both tables, each model once: the classifiers', then the CLIP models'
+    lines = capsys.readouterr().out.splitlines()
+    named = [line.split()[0] for line in lines if line.split() and line.split()[0] in {*ZOO, *CLIP_ZOO}]
+    assert named == [*ZOO, *CLIP_ZOO]
+    assert sum(line.startswith("EVA-02-CLIP (") for line in lines) == 1
     assert main(["info", "EVA02-L-14-336", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["name"] == "EVA02-CLIP-L-14-336" and info["img_size"] == 336 and info["zero_shot_top1"] == 80.4

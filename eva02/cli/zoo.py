@@ -200,11 +200,10 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows + clip_rows, indent=2))
         return 0
-    if clip_rows:
-        _print_clip_table(clip_rows, after=bool(rows))
-        if not rows:
-            print("FLOPs are multiply-adds (MACs), the text tower's on one 77-token text; see docs/clip.md.")
-            return 0
+    if not rows:  # CLIP models alone: their table, without the title that separates it from the classifiers'
+        _print_clip_table(clip_rows, after=False)
+        print("FLOPs are multiply-adds (MACs), the text tower's on one 77-token text; see docs/clip.md.")
+        return 0
     head = ("name", "task", "params (M)", "FLOPs (G)", "input", "top-1", "top-5")
     table = [
         (
