@@ -363,6 +363,7 @@ def test_search_refusals(files, capsys, tmp_path) -> None:
     assert run(capsys, *index_cmd(root, imgs, out))[0] == 0
     for argv, words in (
         ([out], ["give --text TEXT or --image FILE"]),
+        ([out, "--text", "a cat", "--text", " "], ["--text is empty"]),
         ([out, "--text", "x", "--nprobe", "4"], ["add --ann"]),
         ([tmp_path / "nope.safetensors", "--text", "x"], ["does not exist", "eva02 index"]),
         ([root / "a.safetensors", "--text", "x"], ["not an index written by eva02"]),

@@ -218,6 +218,8 @@ def search(args: argparse.Namespace) -> int:
         raise CliError("give --text TEXT or --image FILE (each may be repeated)")
     if args.nprobe is not None and not args.ann:
         raise CliError("--nprobe applies to approximate search: add --ann")
+    if any(not t.strip() for t in args.text):  # an unset shell variable, most often: nothing to search for
+        raise CliError("--text is empty; give the words to search for, e.g. --text 'a red car'")
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
         raise CliError(f"index {path} {what}; build one with `eva02 index DIR -m NAME -o INDEX`")
