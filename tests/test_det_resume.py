@@ -17,10 +17,10 @@ from eva02.cli import main  # noqa: E402
 
 
 def test_resume_from_a_mid_run_checkpoint_matches(tmp_path: Path) -> None:
-    root = tmp_path / "scenes"  # the runs' final evaluations on the 8 training images, not the 40 held out
-    config = scenes_run(root, 8, 2, **{"checkpoint.every_steps": 1, "checkpoint.keep_last": 10, "model.depth": 2,
-                                       "det.global_blocks": (1,), "data.val_split": "train",
-                                       "det.val_ann": str(root / "train.json")})  # fmt: skip
+    root = tmp_path / "scenes"  # the runs' final evaluations on the 8 training images: no held-out scenes
+    changes = {"checkpoint.every_steps": 1, "checkpoint.keep_last": 10, "model.depth": 2, "det.global_blocks": (1,),
+               "data.val_split": "train", "det.val_ann": str(root / "train.json")}  # fmt: skip
+    config = scenes_run(root, 8, 2, n_val=0, **changes)
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert main(["train", str(config), "--work-dir", str(full)]) == 0
     mid = full / "checkpoints" / "step_00000003.pt"  # mid second epoch (2 steps per epoch)
