@@ -199,6 +199,23 @@ def test_zero_shot_labels_file_names_its_repeated_lines(files, capsys, monkeypat
     one_line_error(err, "'cat' is given twice (lines 1 and 4 of")
 
 
+def test_an_image_model_file_is_named_where_a_clip_file_is_needed_and_the_reverse(files, capsys, tmp_path) -> None:
+    from eva02.model import VARIANTS
+    from eva02.model.vit import Eva02
+    from eva02.weights.load import save_checkpoint
+
+    root, imgs, _ = files
+    classifier = tmp_path / "cls.safetensors"
+    save_checkpoint(Eva02(VARIANTS["test"].replace(num_classes=3)), classifier)
+    for argv in (["zero-shot", imgs, "--labels", "a,b"], ["index", imgs, "-o", tmp_path / "i.safetensors"]):
+        rc, _, err = run(capsys, *argv, "--checkpoint", classifier)
+        assert rc == 2 and not (tmp_path / "i.safetensors").exists()
+        one_line_error(err, "holds an EVA-02 image model, not an EVA-02-CLIP model", "eva02 list clip")
+    rc, _, err = run(capsys, "predict", imgs, "--checkpoint", root / "a.safetensors")
+    assert rc == 2
+    one_line_error(err, "holds an EVA-02-CLIP model", "eva02 zero-shot")
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -415,6 +432,14 @@ def test_features_of_a_clip_tower_give_its_embeddings(files, capsys, tmp_path) -
     with torch.no_grad():
         x = torch.stack([tf(Image.open(p).convert("RGB")) for p in order])
         np.testing.assert_allclose(emb, clip.encode_image(x).numpy(), rtol=1e-4, atol=1e-5)
+    # A CLIP file written by eva02 says what it holds: no -m needed, the same embeddings.
+    alone = tmp_path / "alone.safetensors"
+    rc, _, err = run(capsys, "features", imgs, "--checkpoint", root / "a.safetensors", "--out-type", "embedding",
+                     "-o", alone)  # fmt: skip
+    assert rc == 0, err
+    with safe_open(str(alone), "np") as f:
+        np.testing.assert_array_equal(f.get_tensor("features"), emb)
+        assert json.loads(f.metadata()["files"]) == order
     rc, _, err = run(capsys, "features", imgs, "-m", "eva02-tiny-p14_in21k-pre_3rdparty_in1k", "--out-type",
                      "embedding", "-o", tmp_path / "x.npy")  # fmt: skip
     assert rc == 2

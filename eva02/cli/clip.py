@@ -75,6 +75,13 @@ def choose_clip(model: str | None, checkpoint: str | None) -> tuple[Any, Path | 
     else:
         cfg = entry.cfg
     if cfg is None:
+        from eva02.weights.files import read_metadata
+
+        if read_metadata(ckpt).get("format") == "eva02":  # one of our classifier, backbone or task files
+            raise CliError(
+                f"--checkpoint {ckpt} holds an EVA-02 image model, not an EVA-02-CLIP model (image and text "
+                "towers): give a CLIP checkpoint, or a CLIP name alone for its released weights (`eva02 list clip`)"
+            )
         raise CliError(
             f"--checkpoint {ckpt} does not say which CLIP model it holds (only files written by eva02 do); "
             "give -m NAME too"

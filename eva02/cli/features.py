@@ -137,10 +137,27 @@ def clip_entry(args: argparse.Namespace):
     return find_clip(args.model) if args.model else None
 
 
+def is_clip(args: argparse.Namespace) -> bool:
+    """Whether the model is an EVA-02-CLIP one: named by --model, or, without it, a CLIP file written by
+    eva02 (which stores its config) given by --checkpoint."""
+    if args.model:
+        return clip_entry(args) is not None
+    if args.checkpoint is None or not Path(args.checkpoint).is_file():
+        return False
+    from eva02.weights.files import read_metadata
+
+    try:
+        return read_metadata(args.checkpoint).get("format") == "eva02-clip"
+    except ValueError:  # not a checkpoint at all: the classifiers' loader says so
+        return False
+
+
 def load_clip_tower(args: argparse.Namespace):
-    """(image tower, preprocess) of the EVA-02-CLIP model --model names (weights: --checkpoint or the zoo's)."""
+    """(image tower, preprocess) of the EVA-02-CLIP model --model names, or of the CLIP file --checkpoint
+    gives without a name (weights: --checkpoint or the zoo's)."""
     from eva02.cli.options import check_device
     from eva02.weights.clip import get_clip
+    from eva02.weights.zoo import Preprocess
 
     entry = clip_entry(args)
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
@@ -150,15 +167,19 @@ def load_clip_tower(args: argparse.Namespace):
         clip = get_clip(entry, pretrained=args.checkpoint or True, device=device)
     except (OSError, RuntimeError, ValueError) as e:
         raise CliError(f"cannot load the model: {' '.join(str(e).split())}") from None
-    pre = entry.preprocess if args.img_size is None else replace(entry.preprocess, img_size=args.img_size)
-    return clip.visual, pre
+    pre = entry.preprocess if entry is not None else Preprocess(img_size=clip.cfg.vision.img_size)
+    return clip.visual, pre if args.img_size is None else replace(pre, img_size=args.img_size)
 
 
 def features(args: argparse.Namespace) -> int:
     """The `features` command."""
     check_batching(args)
-    if args.out_type == "embedding" and not clip_entry(args):
-        raise CliError("--out-type embedding is the joint-space embedding of EVA-02-CLIP models: give -m CLIP-NAME")
+    clip = is_clip(args)
+    if args.out_type == "embedding" and not clip:
+        raise CliError(
+            "--out-type embedding is the joint-space embedding of EVA-02-CLIP models: give -m CLIP-NAME or a CLIP "
+            "file written by eva02"
+        )
     paths = collect_paths(args)
     out = check_outputs(args, paths)
     import numpy as np  # torch and friends: after the input and output checks
@@ -166,7 +187,7 @@ def features(args: argparse.Namespace) -> int:
     from eva02.data.transforms import eval_transform
     from eva02.inference import iter_file_batches
 
-    model, pre = load_clip_tower(args) if clip_entry(args) else load_model_from_args(args, need_head=False)
+    model, pre = load_clip_tower(args) if clip else load_model_from_args(args, need_head=False)
     depth = len(model.blocks)
     bad = [i for i in args.out_indices if not -depth <= i < depth]
     if bad:

@@ -134,6 +134,11 @@ def config_of(path: PathLike) -> Eva02Config | None:
 def load_model(path: PathLike, device: str | torch.device | None = None) -> Eva02:
     """Build and load a model from one of our checkpoints (config from its metadata); eval mode."""
     cfg = config_of(path)
+    if cfg is None and read_metadata(path).get("format") == "eva02-clip":
+        raise ValueError(
+            f"{path} holds an EVA-02-CLIP model, not a classifier or backbone: classify with `eva02 zero-shot "
+            f"IMAGES --checkpoint {path} --labels A,B`, or load it with eva02.get_clip(None, pretrained=FILE)"
+        )
     if cfg is None:
         raise ValueError(
             f"{path} is not an eva02 checkpoint (no config in its metadata), so the model it is for must be "
