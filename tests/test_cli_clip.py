@@ -214,6 +214,12 @@ def test_an_image_model_file_is_named_where_a_clip_file_is_needed_and_the_revers
     rc, _, err = run(capsys, "predict", imgs, "--checkpoint", root / "a.safetensors")
     assert rc == 2
     one_line_error(err, "holds an EVA-02-CLIP model", "eva02 zero-shot")
+    from eva02.weights.load import get_model
+
+    with pytest.raises(ValueError, match="holds an EVA-02-CLIP model.*get_clip"):
+        get_model(None, pretrained=root / "a.safetensors")
+    with pytest.raises(ValueError, match="holds an EVA-02 image model.*get_model"):
+        get_clip(None, pretrained=classifier)
 
 
 @pytest.mark.parametrize(

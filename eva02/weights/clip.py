@@ -91,6 +91,12 @@ def get_clip(
     entry: ClipEntry | None = None
     if name is None:
         cfg = None if isinstance(pretrained, bool) else clip_config_of(pretrained)
+        ours = cfg is None and pretrained is not None and not isinstance(pretrained, bool)
+        if ours and read_metadata(pretrained).get("format") == "eva02":
+            raise ValueError(
+                f"{pretrained} holds an EVA-02 image model (classifier, backbone or task model), not an EVA-02-CLIP "
+                "model: load it with eva02.get_model(None, pretrained=FILE)"
+            )
         if cfg is None:
             raise ValueError("get_clip(None, ...) needs pretrained=PATH of a CLIP file written by eva02 (save_clip)")
     elif isinstance(name, ClipConfig):

@@ -123,6 +123,16 @@ def _stored_config(path: PathLike, meta: dict[str, str]) -> Eva02Config:
     return cfg
 
 
+def refuse_clip_file(path: PathLike) -> None:
+    """ValueError naming what to use instead if `path` is one of our EVA-02-CLIP files (image and text
+    towers), where a classifier or backbone is expected."""
+    if read_metadata(path).get("format") == "eva02-clip":
+        raise ValueError(
+            f"{path} holds an EVA-02-CLIP model, not a classifier or backbone: classify with `eva02 zero-shot "
+            f"IMAGES --checkpoint {path} --labels A,B`, or load it with eva02.get_clip(None, pretrained=FILE)"
+        )
+
+
 def config_of(path: PathLike) -> Eva02Config | None:
     """The config stored in one of our checkpoints (checked against its tensor shapes), or None for other files."""
     meta = read_metadata(path)
@@ -134,12 +144,8 @@ def config_of(path: PathLike) -> Eva02Config | None:
 def load_model(path: PathLike, device: str | torch.device | None = None) -> Eva02:
     """Build and load a model from one of our checkpoints (config from its metadata); eval mode."""
     cfg = config_of(path)
-    if cfg is None and read_metadata(path).get("format") == "eva02-clip":
-        raise ValueError(
-            f"{path} holds an EVA-02-CLIP model, not a classifier or backbone: classify with `eva02 zero-shot "
-            f"IMAGES --checkpoint {path} --labels A,B`, or load it with eva02.get_clip(None, pretrained=FILE)"
-        )
     if cfg is None:
+        refuse_clip_file(path)
         raise ValueError(
             f"{path} is not an eva02 checkpoint (no config in its metadata), so the model it is for must be "
             f"named: {hint('model_name')}; or convert it once with `eva02 convert SRC DST --model NAME`"
@@ -304,6 +310,8 @@ def get_model(
     if model is None:
         stored = None if isinstance(pretrained, bool) or pretrained is None else config_of(pretrained)
         if stored is None:
+            if pretrained is not None and not isinstance(pretrained, bool):
+                refuse_clip_file(pretrained)
             raise ValueError("model=None needs pretrained=PATH of an eva02 checkpoint (written by save_checkpoint)")
         entry, cfg = None, stored
     else:
