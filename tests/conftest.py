@@ -42,11 +42,12 @@ LONGEST_FIRST = (
     "test_det_learning.py",
     "test_engine_dist.py",
     "test_seg_learning.py",
-    "test_serve_page.py",
+    "test_explain_checks.py",
+    "test_export.py",
     "test_engine_digits.py",
     "test_serve.py",
+    "test_serve_page.py",
     "test_engine_resume.py",
-    "test_det_engine.py",
 )
 
 
