@@ -218,8 +218,9 @@ def test_an_image_model_file_is_named_where_a_clip_file_is_needed_and_the_revers
 
     with pytest.raises(ValueError, match="holds an EVA-02-CLIP model.*get_clip"):
         get_model(None, pretrained=root / "a.safetensors")
-    with pytest.raises(ValueError, match="holds an EVA-02 image model.*get_model"):
-        get_clip(None, pretrained=classifier)
+    for name in (None, "EVA02-CLIP-test"):  # a file that says what it holds, with or without a CLIP name
+        with pytest.raises(ValueError, match="holds an EVA-02 image model.*get_model"):
+            get_clip(name, pretrained=classifier)
 
 
 @pytest.mark.parametrize(

@@ -51,8 +51,20 @@ def clip_config_of(path: PathLike) -> ClipConfig | None:
         raise ValueError(f"{path}: its stored CLIP config is invalid ({e}); the file is damaged") from e
 
 
+def refuse_image_model_file(path: PathLike) -> None:
+    """ValueError naming what to use instead if `path` is one of our image-model files (a classifier,
+    backbone or task model, `save_checkpoint`), where an EVA-02-CLIP model is expected."""
+    if read_metadata(path).get("format") == "eva02":
+        raise ValueError(
+            f"{path} holds an EVA-02 image model (classifier, backbone or task model), not an EVA-02-CLIP "
+            "model: give a CLIP checkpoint (in Python, eva02.get_model(None, pretrained=FILE) loads this one)"
+        )
+
+
 def read_clip_checkpoint(path_or_sd: PathLike | StateDict, fmt: str = "auto") -> StateDict:
     """Read a CLIP checkpoint of any known format into our `Eva02Clip` layout."""
+    if not isinstance(path_or_sd, dict):
+        refuse_image_model_file(path_or_sd)
     sd = path_or_sd if isinstance(path_or_sd, dict) else read_checkpoint(path_or_sd)
     where = "state dict" if isinstance(path_or_sd, dict) else str(path_or_sd)
     if fmt != "auto" and fmt not in CLIP_FORMATS:
@@ -91,12 +103,8 @@ def get_clip(
     entry: ClipEntry | None = None
     if name is None:
         cfg = None if isinstance(pretrained, bool) else clip_config_of(pretrained)
-        ours = cfg is None and pretrained is not None and not isinstance(pretrained, bool)
-        if ours and read_metadata(pretrained).get("format") == "eva02":
-            raise ValueError(
-                f"{pretrained} holds an EVA-02 image model (classifier, backbone or task model), not an EVA-02-CLIP "
-                "model: load it with eva02.get_model(None, pretrained=FILE)"
-            )
+        if cfg is None and pretrained is not None and not isinstance(pretrained, bool):
+            refuse_image_model_file(pretrained)
         if cfg is None:
             raise ValueError("get_clip(None, ...) needs pretrained=PATH of a CLIP file written by eva02 (save_clip)")
     elif isinstance(name, ClipConfig):
