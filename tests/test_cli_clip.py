@@ -451,3 +451,21 @@ def test_features_of_a_clip_tower_give_its_embeddings(files, capsys, tmp_path) -
                      "embedding", "-o", tmp_path / "x.npy")  # fmt: skip
     assert rc == 2
     one_line_error(err, "CLIP")
+
+
+def test_a_clip_file_given_with_an_image_model_name_is_named(files, capsys, tmp_path) -> None:
+    """Ours and open_clip's layouts: said to hold a CLIP model, not 'pass --fmt' (its keys are no
+    classifier format)."""
+    from eva02.weights.convert import clip_from_ours
+    from eva02.weights.load import get_model
+
+    root, imgs, _ = files
+    theirs = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(clip_from_ours(get_clip(None, pretrained=root / "a.safetensors").state_dict(), "open_clip"), theirs)
+    tiny = "eva02-tiny-p14_in21k-pre_3rdparty_in1k"
+    for ckpt, fmt in ((root / "a.safetensors", "eva02 format"), (theirs, "open_clip format")):
+        rc, _, err = run(capsys, "predict", imgs, "-m", tiny, "--checkpoint", ckpt)
+        assert rc == 2
+        one_line_error(err, f"holds an EVA-02-CLIP model ({fmt}", "eva02 zero-shot")
+        with pytest.raises(ValueError, match="holds an EVA-02-CLIP model.*get_clip"):
+            get_model(tiny, pretrained=ckpt)

@@ -23,7 +23,7 @@ from eva02.fileio import atomic_write
 from eva02.hints import hint
 from eva02.model.config import VARIANTS, Eva02Config
 from eva02.model.vit import Eva02
-from eva02.weights.convert import FORMATS, detect_format, fit_to_config, to_ours
+from eva02.weights.convert import FORMATS, detect_clip_format, detect_format, fit_to_config, to_ours
 from eva02.weights.download import DownloadError, cached_path, download
 from eva02.weights.files import (  # noqa: F401 (part of this module's API)
     EMA_KEYS,
@@ -173,6 +173,17 @@ def _read_ours(
             "with a segmentation config (configs/eva02_seg/)"
         )
     if fmt == "auto":
+        try:  # a whole CLIP model (image and text towers): its tower alone is not what is asked for here
+            clip_fmt = detect_clip_format(sd)
+        except ValueError:
+            clip_fmt = None
+        if clip_fmt is not None:
+            where = path_or_sd if not isinstance(path_or_sd, dict) else "the checkpoint"
+            raise ValueError(
+                f"{where} holds an EVA-02-CLIP model ({clip_fmt} format: image and text towers), not a classifier "
+                "or backbone: use `eva02 zero-shot IMAGES -m CLIP-NAME --checkpoint FILE --labels A,B`, or load it "
+                "with eva02.get_clip(CLIP-NAME, pretrained=FILE)"
+            )
         fmt = detect_format(sd)
     elif fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}; use one of {FORMATS} or 'auto'")
