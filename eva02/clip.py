@@ -35,9 +35,11 @@ def _tokenizer(context_length: int):
 def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
     """Token ids (N, context_length), int64: start token, BPE tokens, end token, zero padding. Longer
     texts are cut to fit, keeping the end token (whose position the text tower pools)."""
-    if isinstance(texts, str):
-        texts = [texts]
-    return _tokenizer(context_length)(list(texts))
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    odd = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if odd is not None:
+        raise TypeError(f"tokenize takes strings; item {odd} is {type(texts[odd]).__name__}: {texts[odd]!r:.60}")
+    return _tokenizer(context_length)(texts)
 
 
 def imagenet_classnames() -> list[str]:
@@ -63,8 +65,11 @@ def zero_shot_classifier(
     of its prompts (each template with `{}` replaced by the class name), normalised again.
 
     `encode_image(x, normalize=True) @ head` gives cosine similarities; times `clip.logit_scale.exp()`
-    (about 100) they are the logits CLIP was trained with.
+    (about 100) they are the logits CLIP was trained with. A single string is one class name or one
+    template (not a sequence of one-letter ones).
     """
+    class_names = [class_names] if isinstance(class_names, str) else list(class_names)
+    templates = [templates] if isinstance(templates, str) else list(templates)
     if not class_names:
         raise ValueError("zero_shot_classifier needs at least one class name")
     bad = [t for t in templates if "{}" not in t]

@@ -301,6 +301,16 @@ def test_zero_shot_classifier_refuses_bad_templates() -> None:
         zero_shot_classifier(model, [], ["a {}"])
 
 
+def test_a_single_string_is_one_class_name_or_template_and_tokenize_takes_only_strings() -> None:
+    torch.manual_seed(0)
+    model = Eva02Clip(CLIP_VARIANTS["test"]).eval()
+    one = zero_shot_classifier(model, "cat", "a photo of a {}.")
+    assert one.shape == (CLIP_VARIANTS["test"].embed_dim, 1)  # not three classes 'c', 'a', 't'
+    torch.testing.assert_close(one, zero_shot_classifier(model, ["cat"], ["a photo of a {}."]))
+    with pytest.raises(TypeError, match="item 1 is int"):
+        tokenize(["a cat", 3])
+
+
 def test_zoo_names_and_figures() -> None:
     assert [e.zero_shot_top1 for e in CLIP_ZOO.values()] == [74.7, 79.8, 80.4, 81.9, 82.0]
     for alias in (
