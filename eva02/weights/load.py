@@ -159,14 +159,13 @@ def _read_ours(
     path_or_sd: PathLike | StateDict, fmt: str, cfg: Eva02Config, use_ema, mim, prefer_ema: bool = True
 ) -> StateDict:
     if isinstance(path_or_sd, dict):
-        sd = path_or_sd
+        sd, where = path_or_sd, "the checkpoint"
         check_finite(sd)
     else:
-        sd = read_checkpoint(path_or_sd, use_ema, prefer_ema)
+        sd, where = read_checkpoint(path_or_sd, use_ema, prefer_ema), path_or_sd
         if fmt == "auto" and read_metadata(path_or_sd).get("format") == "eva02":
             fmt = "eva02"
     if is_official_seg(sd):
-        where = path_or_sd if not isinstance(path_or_sd, dict) else "the checkpoint"
         raise ValueError(
             f"{where} holds an official EVA-02 segmentation model (UperNet, mmsegmentation), not a classifier or "
             "backbone: use `eva02 segment IMAGES --config CONFIG --checkpoint FILE` or `tools/test.py CONFIG FILE` "
@@ -178,7 +177,6 @@ def _read_ours(
         except ValueError:
             clip_fmt = None
         if clip_fmt is not None:
-            where = path_or_sd if not isinstance(path_or_sd, dict) else "the checkpoint"
             raise ValueError(
                 f"{where} holds an EVA-02-CLIP model ({clip_fmt} format: image and text towers), not a classifier "
                 "or backbone: use `eva02 zero-shot IMAGES -m CLIP-NAME --checkpoint FILE --labels A,B`, or load it "
